@@ -1,0 +1,1 @@
+"""flagrelease: the release pipeline that turns an open-source LLM and an AI chip into a verified FlagOS build."""

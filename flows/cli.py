@@ -1,0 +1,217 @@
+"""`flagrelease`: the command line. Thin: parse arguments, call the domain or Prefect layer, print, pick an exit code.
+
+Exit codes: 0 success; 1 a release or service failed; 2 bad input (unknown release, invalid matrix, bad argument).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from flows.errors import BadInput, FlagReleaseError, ServiceUnavailable
+from flows.services import prefect_env
+from flows.settings import Settings
+
+# Without a terminal rich would wrap at 80 columns, breaking paths and digests that scripts copy.
+console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
+errors = Console(stderr=True, soft_wrap=True, width=None if sys.stderr.isatty() else 200)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.matrix:
+        os.environ["FLAGRELEASE_MATRIX"] = str(Path(args.matrix).resolve())
+    try:
+        settings = Settings()
+        (settings.state_dir / "prefect").mkdir(parents=True, exist_ok=True)
+        for key, value in prefect_env(settings).items():
+            os.environ.setdefault(key, value)  # before Prefect is imported; an explicit environment wins
+        return args.handler(args, settings)
+    except ValidationError as exc:
+        errors.print(f"[red]error:[/red] invalid FLAGRELEASE_* setting: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}")
+        return 2
+    except FlagReleaseError as exc:
+        errors.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flagrelease", description="Release FlagOS builds of open-source LLMs on AI chips.")
+    parser.add_argument("--matrix", help="release matrix file (default: releases.yaml of this checkout, or $FLAGRELEASE_MATRIX)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    cmd = commands.add_parser("list", help="list the releases of the matrix")
+    cmd.set_defaults(handler=_list)
+
+    cmd = commands.add_parser("validate", help="validate the matrix and every chip profile it names")
+    cmd.set_defaults(handler=_validate)
+
+    cmd = commands.add_parser("plan", help="resolve one release here (no Prefect): pin inputs, print the fingerprint")
+    cmd.add_argument("release")
+    cmd.add_argument("--offline", action="store_true", help="do not contact hubs; revisions stay unpinned")
+    cmd.add_argument("--json", action="store_true", help="print the plan as JSON")
+    cmd.set_defaults(handler=_plan)
+
+    cmd = commands.add_parser("run", help="run a release through its Prefect deployment and wait for the result")
+    cmd.add_argument("release")
+    cmd.add_argument("--timeout", type=int, default=3600, help="seconds to wait for the run (default 3600)")
+    cmd.set_defaults(handler=_run)
+
+    cmd = commands.add_parser("serve", help="serve every deployment from this process (foreground)")
+    cmd.add_argument("--limit", type=int, default=None, help="maximum concurrent flow runs")
+    cmd.set_defaults(handler=_serve)
+
+    cmd = commands.add_parser("deploy", help="production style: create one work pool per chip and apply prefect.yaml")
+    cmd.set_defaults(handler=_deploy)
+
+    cmd = commands.add_parser("deployments", help="prefect.yaml generated from the matrix")
+    cmd.add_argument("action", choices=["render", "check"], help="render: print it; check: compare with the committed file")
+    cmd.set_defaults(handler=_deployments)
+
+    cmd = commands.add_parser("services", help="start, stop or inspect the local services")
+    cmd.add_argument("action", choices=["up", "down", "status"])
+    cmd.add_argument("names", nargs="*", help="docker, registry, prefect, deployments (default: all)")
+    cmd.set_defaults(handler=_services)
+    return parser
+
+
+def _matrix(settings: Settings):
+    from flows.matrix import load_matrix
+
+    return load_matrix(settings.matrix, settings.images_dir)
+
+
+def _list(args: argparse.Namespace, settings: Settings) -> int:
+    matrix = _matrix(settings)
+    table = Table(title=f"releases in {settings.matrix}")
+    for column in ("release", "chip", "model", "schedule", "suite", "reference", "repository"):
+        table.add_column(column)
+    for name, rel in matrix.spec.releases.items():
+        table.add_row(name, rel.chip, rel.model, f"{rel.schedule.cron} {rel.schedule.timezone}", rel.suite, rel.reference, rel.repository)
+    console.print(table)
+    return 0
+
+
+def _validate(args: argparse.Namespace, settings: Settings) -> int:
+    matrix = _matrix(settings)
+    console.print(f"{settings.matrix}: valid ({len(matrix.spec.releases)} releases, {len(matrix.chips)} chips, "
+                  f"{len(matrix.spec.models)} models, {len(matrix.spec.suites)} suites)")
+    return 0
+
+
+def _plan(args: argparse.Namespace, settings: Settings) -> int:
+    from flows.plan import resolve, write_plan
+
+    if args.offline:
+        settings = settings.model_copy(update={"offline": True})
+    plan = resolve(_matrix(settings), args.release, settings)
+    path = write_plan(plan, settings.plans_dir)
+    if args.json:
+        print(plan.model_dump_json(indent=2))
+        return 0
+    revision = plan.revision.resolved if plan.revision.pinned else f"unpinned ({plan.revision.note})"
+    console.print(f"release      {plan.release}\nchip         {plan.chip.name}\nmodel        {plan.model.display_name}\n"
+                  f"revision     {revision}\nfingerprint  {plan.fingerprint}\nplan         {path}", highlight=False)
+    return 0
+
+
+def _run(args: argparse.Namespace, settings: Settings) -> int:
+    from flows.services import Services
+
+    _matrix(settings).release(args.release)  # unknown release: exit 2 before touching Prefect
+    if not Services(settings).spec("prefect").healthy():
+        raise ServiceUnavailable("Prefect server", f"nothing answers at {settings.prefect_api_url}", "flagrelease services up")
+    from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        run = run_deployment(f"release/{args.release}", timeout=args.timeout, poll_interval=2)
+    except ObjectNotFound:
+        raise ServiceUnavailable("deployment release/" + args.release, "it is not registered with the Prefect server",
+                                 "flagrelease services up deployments") from None
+    url = f"{settings.prefect_ui_url}/runs/flow-run/{run.id}"
+    state = run.state.name if run.state else "unknown"
+    plans = sorted((settings.plans_dir / args.release).glob("*.json"), key=lambda p: p.stat().st_mtime)
+    console.print(f"release/{args.release}: {state}\nflow run  {url}\nPrefect UI {settings.prefect_ui_url}", highlight=False)
+    if plans:
+        console.print(f"plan      {plans[-1]}", highlight=False)
+    return 0 if run.state is not None and run.state.is_completed() else 1
+
+
+def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    from flows.deployments import serve_deployments
+
+    serve_deployments(_matrix(settings), limit=args.limit)
+    return 0
+
+
+def _deploy(args: argparse.Namespace, settings: Settings) -> int:
+    from flows.deployments import apply_prefect_yaml, work_pools
+
+    matrix = _matrix(settings)
+    _check_prefect_yaml(settings)
+    try:
+        apply_prefect_yaml(matrix, str(settings.project_dir), dict(os.environ))
+    except subprocess.CalledProcessError as exc:
+        raise FlagReleaseError(f"`{' '.join(exc.cmd)}` failed:\n{(exc.stderr or exc.stdout or '').strip()[-2000:]}") from None
+    console.print(f"work pools: {', '.join(work_pools(matrix))}\nstart a worker on each chip host with: "
+                  f"prefect worker start --pool <pool>", highlight=False)
+    return 0
+
+
+def _deployments(args: argparse.Namespace, settings: Settings) -> int:
+    if args.action == "render":
+        print(_rendered_prefect_yaml(settings), end="")
+        return 0
+    _check_prefect_yaml(settings)
+    console.print("prefect.yaml matches the matrix")
+    return 0
+
+
+def _rendered_prefect_yaml(settings: Settings) -> str:
+    import prefect
+
+    from flows.deployments import render_prefect_yaml
+
+    return render_prefect_yaml(_matrix(settings), prefect.__version__)
+
+
+def _check_prefect_yaml(settings: Settings) -> None:
+    committed = settings.project_dir / "prefect.yaml"
+    if not committed.exists() or committed.read_text() != _rendered_prefect_yaml(settings):
+        raise BadInput(f"{committed} is out of date with {settings.matrix}; regenerate it with: "
+                       "flagrelease deployments render > prefect.yaml")
+
+
+def _services(args: argparse.Namespace, settings: Settings) -> int:
+    from flows.deployments import deployment_specs
+    from flows.services import Services
+
+    names = tuple(args.names) or Services.ORDER
+    expected = [f"{spec.flow}/{spec.name}" for spec in deployment_specs(_matrix(settings))] if "deployments" in names else []
+    services = Services(settings, expected_deployments=expected)
+    action = {"up": services.up, "down": services.down, "status": services.status}[args.action]
+    statuses = action(names)
+    table = Table()
+    for column in ("service", "state", "detail"):
+        table.add_column(column)
+    for status in statuses:
+        table.add_row(status.name, status.state, status.detail)
+    console.print(table)
+    if args.action == "up":
+        console.print(f"Prefect UI: {settings.prefect_ui_url}", highlight=False)
+    return 0 if args.action != "status" or all(s.state.startswith("running") for s in statuses) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""Deployments from the matrix, in both styles.
+
+- `serve`: one long-running process on one machine serves every release deployment and the nightly rebuild.
+- `prefect.yaml`: production; one process work pool per chip, so the chip's hosts run
+  `prefect worker start --pool <chip>` and pick up only their releases. The file is generated from the matrix
+  (`flagrelease deployments render`) and a test keeps the committed copy in step with it.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass
+
+import yaml
+
+from flows.matrix import ReleaseMatrix, Schedule
+
+RELEASE_ENTRYPOINT = "flows/release.py:release"
+REBUILD_ENTRYPOINT = "flows/rebuild.py:rebuild"
+REBUILD_DEPLOYMENT = "nightly"
+CONTROL_POOL = "control"  # runs the rebuild fan-out; it only waits on the chip pools
+
+
+@dataclass(frozen=True)
+class DeploymentSpec:
+    flow: str
+    name: str
+    entrypoint: str
+    schedule: Schedule
+    parameters: dict[str, object]
+    tags: tuple[str, ...]
+    work_pool: str
+    description: str
+
+
+def deployment_specs(matrix: ReleaseMatrix) -> list[DeploymentSpec]:
+    specs = [
+        DeploymentSpec(
+            flow="release", name=name, entrypoint=RELEASE_ENTRYPOINT, schedule=rel.schedule,
+            parameters={"release_name": name}, tags=("release", f"chip:{rel.chip}", f"model:{rel.model}"),
+            work_pool=matrix.chips[rel.chip].work_pool,
+            description=f"Release {matrix.spec.models[rel.model].display_name} on {matrix.chips[rel.chip].accelerator}",
+        )
+        for name, rel in matrix.spec.releases.items()
+    ]
+    specs.append(DeploymentSpec(
+        flow="rebuild", name=REBUILD_DEPLOYMENT, entrypoint=REBUILD_ENTRYPOINT, schedule=matrix.spec.rebuild.schedule,
+        parameters={}, tags=("rebuild",), work_pool=CONTROL_POOL,
+        description="Nightly rebuild of every release in the matrix",
+    ))
+    return specs
+
+
+def work_pools(matrix: ReleaseMatrix) -> list[str]:
+    return sorted({CONTROL_POOL, *(chip.work_pool for chip in matrix.chips.values())})
+
+
+def serve_deployments(matrix: ReleaseMatrix, limit: int | None = None) -> None:
+    """Serve every deployment from this process until it is stopped (SIGTERM pauses the schedules)."""
+    from prefect import serve
+    from prefect.client.schemas.schedules import CronSchedule
+
+    from flows.rebuild import rebuild
+    from flows.release import release
+
+    flows = {"release": release, "rebuild": rebuild}
+    runner_deployments = [
+        flows[spec.flow].to_deployment(
+            name=spec.name, parameters=spec.parameters, tags=list(spec.tags), description=spec.description,
+            schedule=CronSchedule(cron=spec.schedule.cron, timezone=spec.schedule.timezone),
+            paused=not spec.schedule.active,
+        )
+        for spec in deployment_specs(matrix)
+    ]
+    serve(*runner_deployments, limit=limit)
+
+
+def render_prefect_yaml(matrix: ReleaseMatrix, prefect_version: str) -> str:
+    document = {
+        "name": "flagrelease",
+        "prefect-version": prefect_version,
+        "build": None,
+        "push": None,
+        "deployments": [
+            {
+                "name": spec.name,
+                "entrypoint": spec.entrypoint,
+                "description": spec.description,
+                "tags": list(spec.tags),
+                "parameters": spec.parameters,
+                "schedules": [{"cron": spec.schedule.cron, "timezone": spec.schedule.timezone, "active": spec.schedule.active}],
+                "work_pool": {"name": spec.work_pool},
+            }
+            for spec in deployment_specs(matrix)
+        ],
+    }
+    header = ("# Generated from releases.yaml by `flagrelease deployments render`; do not edit by hand.\n"
+              "# Production style: one process work pool per chip. `flagrelease deploy` creates the pools and runs\n"
+              "# `prefect deploy --all`; each chip host then runs `prefect worker start --pool <chip>` from a checkout\n"
+              "# of this repository at the same path (no pull step: the deploy records its working directory).\n")
+    return header + yaml.safe_dump(document, sort_keys=False, width=120)
+
+
+def apply_prefect_yaml(matrix: ReleaseMatrix, project_dir: str, env: dict[str, str]) -> None:
+    """Create the work pools (idempotent) and register every deployment of prefect.yaml with the server."""
+    for pool in work_pools(matrix):
+        inspect = subprocess.run(["prefect", "work-pool", "inspect", pool], env=env, capture_output=True, text=True)
+        if inspect.returncode != 0:
+            subprocess.run(["prefect", "work-pool", "create", pool, "--type", "process"], env=env, check=True,
+                           capture_output=True, text=True)
+    subprocess.run(["prefect", "--no-prompt", "deploy", "--all"], cwd=project_dir, env=env, check=True,
+                   capture_output=True, text=True)

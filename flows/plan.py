@@ -1,0 +1,124 @@
+"""The resolve stage: turn a release name into a typed Plan with every input pinned and one content fingerprint.
+
+The fingerprint is the sha256 of every input that changes the released artefact: the release, model and suite
+entries of the matrix (not the schedule), the pinned model revision, the chip profile folder, the artefact
+templates, the kernel sources, the pinned kernel toolchain and the chip's tool versions. Same inputs, same
+fingerprint; later stages use it as the image label and the key of every cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from datetime import datetime, timezone
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from flows.files import tree_hashes, write_atomic
+from flows.matrix import ChipProfile, Model, ReleaseMatrix, Schedule, Suite
+from flows.revisions import PinnedRevision, resolve_revision
+from flows.settings import Settings
+
+PLAN_SCHEMA_VERSION = 1
+ARTEFACT_TEMPLATE_SUFFIXES = (".j2",)
+KERNEL_SOURCE_SUFFIXES = (".py", ".yaml", ".json")
+REPORT_TEMPLATES_DIR = "reports"  # templates/reports/ render UI reports only: they do not change the artefact
+
+
+class Plan(BaseModel):
+    """What a release will build, from what, and under which fingerprint. Written as JSON; read back by later stages."""
+
+    model_config = ConfigDict(frozen=True)
+
+    schema_version: int = PLAN_SCHEMA_VERSION
+    release: str
+    chip: ChipProfile
+    model_name: str
+    model: Model
+    suite_name: str
+    suite: Suite
+    reference: str
+    repository: str
+    schedule: Schedule
+    revision: PinnedRevision
+    inputs: dict[str, str]
+    fingerprint: str
+    resolved_at: datetime
+
+    @property
+    def short_fingerprint(self) -> str:
+        return self.fingerprint[:12]
+
+
+def resolve(matrix: ReleaseMatrix, release_name: str, settings: Settings) -> Plan:
+    release = matrix.release(release_name)
+    model = matrix.spec.models[release.model]
+    revision = resolve_revision(model.source, offline=settings.offline, timeout_s=settings.hub_timeout_s,
+                                pypi_index=settings.pypi_index)
+    inputs = fingerprint_inputs(matrix, release_name, revision, settings.project_dir)
+    return Plan(
+        release=release_name,
+        chip=matrix.chips[release.chip],
+        model_name=release.model,
+        model=model,
+        suite_name=release.suite,
+        suite=matrix.spec.suites[release.suite],
+        reference=release.reference,
+        repository=release.repository,
+        schedule=release.schedule,
+        revision=revision,
+        inputs=inputs,
+        fingerprint=fingerprint(inputs),
+        resolved_at=datetime.now(timezone.utc),
+    )
+
+
+def fingerprint_inputs(matrix: ReleaseMatrix, release_name: str, revision: PinnedRevision, project_dir: Path) -> dict[str, str]:
+    """Every artefact-changing input as `name -> value or sha256`, so a changelog can say which one moved."""
+    release = matrix.release(release_name)
+    chip = matrix.chips[release.chip]
+    inputs = {
+        "matrix/release": _digest(release.model_dump(mode="json", exclude={"schedule"})),
+        "matrix/model": _digest(matrix.spec.models[release.model].model_dump(mode="json")),
+        "matrix/suite": _digest(matrix.spec.suites[release.suite].model_dump(mode="json")),
+        "model/revision": revision.fingerprint_value,
+    }
+    inputs.update(tree_hashes(matrix.chip_dir(release.chip), f"chip/{release.chip}", suffixes=("",)))
+    inputs.update(tree_hashes(project_dir / "templates", "template", ARTEFACT_TEMPLATE_SUFFIXES,
+                              exclude_dirs=frozenset({REPORT_TEMPLATES_DIR})))
+    inputs.update(tree_hashes(project_dir / "kernels", "kernel", KERNEL_SOURCE_SUFFIXES,
+                              exclude_dirs=frozenset({"__pycache__"})))
+    inputs.update({f"package/{name}": version for name, version in kernel_toolchain(project_dir).items()})
+    inputs.update({f"tool/{name}": version for name, version in sorted(chip.versions.items())})
+    return inputs
+
+
+def fingerprint(inputs: dict[str, str]) -> str:
+    return _digest(inputs)
+
+
+def kernel_toolchain(project_dir: Path) -> dict[str, str]:
+    """The `==` pins of pyproject's `kernels` extra: the toolchain compiled into the image."""
+    with (project_dir / "pyproject.toml").open("rb") as handle:
+        extras = tomllib.load(handle)["project"]["optional-dependencies"]
+    pins = {}
+    for requirement in extras["kernels"]:
+        name, _, version = requirement.partition("==")
+        pins[name.strip().lower()] = version.strip()
+    return dict(sorted(pins.items()))
+
+
+def write_plan(plan: Plan, plans_dir: Path) -> Path:
+    """plans/<release>/<fingerprint>.json, written atomically; the same fingerprint overwrites with the same inputs."""
+    return write_atomic(plans_dir / plan.release / f"{plan.fingerprint}.json", plan.model_dump_json(indent=2) + "\n")
+
+
+def read_plan(path: Path) -> Plan:
+    return Plan.model_validate_json(path.read_text(encoding="utf-8"))
+
+
+def _digest(value: object) -> str:
+    canonical = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()

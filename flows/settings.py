@@ -1,0 +1,39 @@
+"""Run-time settings, read once from the environment (FLAGRELEASE_*) and passed explicitly to what needs them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FLAGRELEASE_", frozen=True)
+
+    project_dir: Path = PROJECT_DIR
+    matrix: Path = PROJECT_DIR / "releases.yaml"
+    images_dir: Path = PROJECT_DIR / "images"
+    state_dir: Path = Field(default=PROJECT_DIR / ".state", description="run-time state: Prefect home, registry storage, plans")
+    offline: bool = Field(default=False, description="never contact a model hub or package index; revisions stay unpinned")
+    hub_timeout_s: float = Field(default=10.0, gt=0)
+    pypi_index: str = "https://pypi.org/simple"
+    prefect_host: str = "127.0.0.1"
+    prefect_port: int = Field(default=4200, ge=1, le=65535)
+    registry_host: str = "127.0.0.1"
+    registry_port: int = Field(default=5000, ge=1, le=65535)
+    docker_host: str = "unix:///var/run/docker.sock"
+
+    @property
+    def prefect_api_url(self) -> str:
+        return f"http://{self.prefect_host}:{self.prefect_port}/api"
+
+    @property
+    def prefect_ui_url(self) -> str:
+        return f"http://{self.prefect_host}:{self.prefect_port}"
+
+    @property
+    def plans_dir(self) -> Path:
+        return self.state_dir / "plans"
