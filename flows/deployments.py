@@ -102,11 +102,18 @@ def render_prefect_yaml(matrix: ReleaseMatrix, prefect_version: str) -> str:
 
 
 def apply_prefect_yaml(matrix: ReleaseMatrix, project_dir: str, env: dict[str, str]) -> None:
-    """Create the work pools (idempotent) and register every deployment of prefect.yaml with the server."""
-    for pool in work_pools(matrix):
-        inspect = subprocess.run(["prefect", "work-pool", "inspect", pool], env=env, capture_output=True, text=True)
-        if inspect.returncode != 0:
-            subprocess.run(["prefect", "work-pool", "create", pool, "--type", "process"], env=env, check=True,
-                           capture_output=True, text=True)
-    subprocess.run(["prefect", "--no-prompt", "deploy", "--all"], cwd=project_dir, env=env, check=True,
+    """Create the missing work pools and register every deployment of prefect.yaml with the server."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+
+    from flows.services import venv_tool
+
+    with get_client(sync_client=True) as client:
+        for pool in work_pools(matrix):
+            try:
+                client.read_work_pool(pool)
+            except ObjectNotFound:
+                client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+    subprocess.run([venv_tool("prefect"), "--no-prompt", "deploy", "--all"], cwd=project_dir, env=env, check=True,
                    capture_output=True, text=True)

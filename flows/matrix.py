@@ -216,7 +216,9 @@ def _validate(doc: YamlDocument, model: type[Strict]) -> Any:
     try:
         return model.model_validate(doc.data)
     except ValidationError as exc:
-        problems = [_format(doc, tuple(err["loc"]), _describe(model, err)) for err in exc.errors(include_url=False)]
+        # pydantic reports a bad mapping key as loc (..., name, "[key]"): point at the name itself
+        problems = [_format(doc, tuple(p for p in err["loc"] if p != "[key]"), _describe(model, err))
+                    for err in exc.errors(include_url=False)]
         raise MatrixError(str(doc.path), problems) from None
 
 
@@ -228,8 +230,8 @@ def _describe(root: type[BaseModel], err: Any) -> str:
         return f"unknown key {loc[-1]!r}" + (f" (allowed: {', '.join(allowed)})" if allowed else "")
     if kind == "missing":
         return "required key is missing"
-    if kind == "string_pattern_mismatch" and loc and isinstance(loc[-1], str):
-        return f"{err['input']!r} is not allowed here: use lowercase letters, digits and '-' (pattern {err['ctx']['pattern']})"
+    if kind == "string_pattern_mismatch" and loc and loc[-1] == "[key]":
+        return f"name {err['input']!r} is not allowed: use lowercase letters, digits and '-' (pattern {err['ctx']['pattern']})"
     message = err["msg"].removeprefix("Value error, ")
     if kind == "string_type" and isinstance(err.get("input"), (int, float)):
         message += " (quote it, e.g. \"2.2\", so YAML keeps it as text)"

@@ -15,11 +15,12 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import requests
 
-from flows.errors import FlagReleaseError, ServiceUnavailable
+from flows.errors import BadInput, ServiceUnavailable
 from flows.files import write_atomic
 from flows.settings import Settings
 
@@ -44,6 +45,12 @@ class ServiceStatus:
     name: str
     state: str  # "started", "running", "running (not ours)", "stopped", "not running"
     detail: str
+
+
+def child_env(settings: Settings) -> dict[str, str]:
+    """The settings as FLAGRELEASE_* variables plus the Prefect environment: what every child process must see."""
+    settings_env = {f"FLAGRELEASE_{name.upper()}": str(value) for name, value in settings.model_dump().items()}
+    return {**settings_env, **prefect_env(settings)}
 
 
 def prefect_env(settings: Settings) -> dict[str, str]:
@@ -109,16 +116,16 @@ class Services:
         if name == "prefect":
             return ServiceSpec(
                 name="prefect",
-                argv=[_venv_tool("prefect"), "server", "start", "--host", s.prefect_host, "--port", str(s.prefect_port)],
-                healthy=self._prefect_healthy, start_timeout_s=180, env=prefect_env(s),
+                argv=[venv_tool("prefect"), "server", "start", "--host", s.prefect_host, "--port", str(s.prefect_port)],
+                healthy=self._prefect_healthy, start_timeout_s=180, env=child_env(s),
             )
         if name == "deployments":
             return ServiceSpec(
                 name="deployments",
                 argv=[sys.executable, "-m", "flows.cli", "serve"],
-                healthy=self._deployments_healthy, start_timeout_s=120, env=prefect_env(s), cwd=s.project_dir,
+                healthy=self._deployments_healthy, start_timeout_s=120, env=child_env(s), cwd=s.project_dir,
             )
-        raise FlagReleaseError(f"unknown service {name!r}; known services: {', '.join(self.ORDER)}")
+        raise BadInput(f"unknown service {name!r}; known services: {', '.join(self.ORDER)}")
 
     # ---- health checks ----------------------------------------------------------------------------------------
     def _docker_healthy(self) -> bool:
@@ -144,9 +151,22 @@ class Services:
             return False
 
     def _deployments_healthy(self) -> bool:
+        """Every expected deployment exists and a runner polled for its runs within the last minute
+        (registration alone outlives the process that serves it)."""
         if not self._prefect_healthy():
             return False
-        return all(_http_ok(f"{self.settings.prefect_api_url}/deployments/name/{name}") for name in self.expected_deployments)
+        for name in self.expected_deployments:
+            try:
+                response = requests.get(f"{self.settings.prefect_api_url}/deployments/name/{name}", timeout=3)
+                last_polled = response.json().get("last_polled") if response.status_code == 200 else None
+            except (requests.RequestException, ValueError):
+                return False
+            if last_polled is None:
+                return False
+            age = datetime.now(timezone.utc) - datetime.fromisoformat(last_polled.replace("Z", "+00:00"))
+            if age > timedelta(seconds=60):
+                return False
+        return True
 
     # ---- registry configuration -------------------------------------------------------------------------------
     def _write_registry_config(self) -> None:
@@ -173,7 +193,7 @@ class Services:
     def _ordered(self, names: tuple[str, ...]) -> list[str]:
         unknown = [n for n in names if n not in self.ORDER]
         if unknown:
-            raise FlagReleaseError(f"unknown service {unknown[0]!r}; known services: {', '.join(self.ORDER)}")
+            raise BadInput(f"unknown service {unknown[0]!r}; known services: {', '.join(self.ORDER)}")
         return [n for n in self.ORDER if n in names]
 
     def _start(self, spec: ServiceSpec) -> ServiceStatus:
@@ -209,7 +229,7 @@ class Services:
         if pid is None:
             state = "running (not ours)" if spec.healthy() else "not running"
             return ServiceStatus(spec.name, state, "not started from this state folder; left alone")
-        _terminate(pid, spec.stop_timeout_s)
+        terminate(pid, spec.stop_timeout_s)
         self._pidfile(spec.name).unlink(missing_ok=True)
         return ServiceStatus(spec.name, "stopped", f"pid {pid}")
 
@@ -262,7 +282,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _terminate(pid: int, timeout_s: float) -> None:
+def terminate(pid: int, timeout_s: float) -> None:
     """SIGTERM the process group, wait, then SIGKILL what is left."""
     for sig, wait_s in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 5.0)):
         try:
@@ -294,6 +314,6 @@ def _binary(name: str, install_hint: str) -> str:
     raise ServiceUnavailable(name, "the program is not installed", f"`{install_hint}` (or `bash scripts/setup.sh`)")
 
 
-def _venv_tool(name: str) -> str:
+def venv_tool(name: str) -> str:
     tool = Path(sys.executable).parent / name
     return str(tool) if tool.exists() else _binary(name, "pip install -e . (or `bash scripts/setup.sh`)")

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Install everything flagrelease needs on a fresh Debian 12 (bookworm) box, idempotently:
+# Debian packages (Docker Engine, CNCF distribution registry, htpasswd, debootstrap), the project venv in .venv
+# with every Python dependency pinned in pyproject.toml, and with --with-browser headless Chromium for the UI check.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(docker.io docker-registry apache2-utils debootstrap curl ca-certificates)
+if [[ "${1:-}" == "--with-browser" ]]; then
+    packages+=(chromium)
+fi
+
+missing=()
+for package in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
+done
+if (( ${#missing[@]} )); then
+    echo "setup: installing Debian packages: ${missing[*]}"
+    sudo_cmd=(); [[ $(id -u) -eq 0 ]] || sudo_cmd=(sudo)
+    "${sudo_cmd[@]}" apt-get update -q
+    DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+if [[ ! -x .venv/bin/python ]]; then
+    echo "setup: creating .venv"
+    python3 -m venv .venv
+fi
+stamp=.venv/.flagrelease-installed
+if [[ ! -f $stamp || pyproject.toml -nt $stamp ]]; then
+    echo "setup: installing Python dependencies (pinned in pyproject.toml)"
+    .venv/bin/pip install -q --disable-pip-version-check -e ".[kernels,test]"
+    touch "$stamp"
+fi
+echo "setup: ready ($(.venv/bin/python --version), $(.venv/bin/flagrelease --help >/dev/null && echo 'flagrelease CLI ok'))"

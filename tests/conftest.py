@@ -1,0 +1,56 @@
+"""Test tiers: `unit` (no services), `services` (real engine/registry/Prefect started by the tests), `e2e`.
+
+Everything a test starts runs on free loopback ports with throwaway state, so a developer's running services and
+the tests never meet. Prefect is isolated before anything imports it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+
+import pytest
+
+_PREFECT_HOME = tempfile.mkdtemp(prefix="flagrelease-test-prefect-")
+os.environ["PREFECT_HOME"] = _PREFECT_HOME
+os.environ.pop("PREFECT_API_URL", None)
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["DO_NOT_TRACK"] = "1"
+for _name in [n for n in os.environ if n.startswith("FLAGRELEASE_")]:
+    del os.environ[_name]
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+TIER_BY_FOLDER = {"unit": "unit", "services": "services", "e2e": "e2e"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test with the tier of its folder, so `-m unit` runs the fast tier."""
+    for item in items:
+        folder = Path(str(item.fspath)).relative_to(PROJECT_DIR / "tests").parts[0]
+        if folder in TIER_BY_FOLDER:
+            item.add_marker(getattr(pytest.mark, TIER_BY_FOLDER[folder]))
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    shutil.rmtree(_PREFECT_HOME, ignore_errors=True)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def project_copy(tmp_path: Path) -> Path:
+    """A copy of everything that feeds a release fingerprint, safe to edit."""
+    root = tmp_path / "project"
+    root.mkdir()
+    for name in ("releases.yaml", "pyproject.toml"):
+        shutil.copy(PROJECT_DIR / name, root / name)
+    for name in ("images", "templates", "kernels"):
+        shutil.copytree(PROJECT_DIR / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+    return root
