@@ -22,8 +22,13 @@ os.environ["DO_NOT_TRACK"] = "1"
 for _name in [n for n in os.environ if n.startswith("FLAGRELEASE_")]:
     del os.environ[_name]
 
+import torch  # noqa: E402  (after the environment above; Triton reads TRITON_INTERPRET when kernels are decorated)
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # kernels run under Triton's interpreter on a CPU box
+
 PROJECT_DIR = Path(__file__).resolve().parent.parent
-TIER_BY_FOLDER = {"unit": "unit", "services": "services", "e2e": "e2e"}
+TIER_BY_FOLDER = {"unit": "unit", "kernels": "unit", "services": "services", "e2e": "e2e"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
