@@ -165,7 +165,8 @@ def copy_bandwidth_gbps() -> float:
     return 2 * src.numel() * 2 / (ms * 1e-3) / 1e9
 
 
-def run(tokens: list[int], dtypes: list[torch.dtype], copy_gbps: float, graph: bool) -> list[Row]:
+def run(tokens: list[int], dtypes: list[torch.dtype], copy_gbps: float, graph: bool,
+        ops: list[str] | None = None) -> list[Row]:
     try:
         import flag_gems as gems
     except Exception as exc:  # FlagGems imports only where it finds a GPU it knows; the column is then empty
@@ -173,6 +174,8 @@ def run(tokens: list[int], dtypes: list[torch.dtype], copy_gbps: float, graph: b
         gems = None
     rows = []
     for case in _cases(gems):
+        if ops and case.op not in ops:
+            continue
         for dtype in dtypes:
             for t in tokens:
                 one_set = case.bytes_moved(t, dtype)
@@ -303,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 128, 4096, 16384, 65536])
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float16"], choices=["bfloat16", "float16"])
     parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--ops", nargs="+", help="only these operators (default: all)")
     parser.add_argument("--aot-check", type=Path, metavar="CACHE_DIR", help="run the zero-compile check instead")
     parser.add_argument("--launch-all", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--sweep", action="store_true", help="time launch-configuration variants instead")
@@ -330,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         for (op, t), result in sorted(best.items()):
             print(f"best {op:20s} T={t:6d} {result['config']:36s} {100 * result['copy_fraction']:5.1f}% of copy")
         return 0
-    rows = run(args.tokens, [getattr(torch, d) for d in args.dtypes], copy_gbps, graph=args.timer == "graph")
+    rows = run(args.tokens, [getattr(torch, d) for d in args.dtypes], copy_gbps, graph=args.timer == "graph", ops=args.ops)
     table = markdown(rows, copy_gbps)
     if args.json:
         import triton

@@ -10,6 +10,7 @@ import triton.language as tl
 from kernels._common import Launch, check_tensor, next_power_of_2, output
 
 PRODUCTION = {"topk": 8, "hidden": 2048}
+SMALL_BATCH = 256  # below this many tokens the launch uses narrower blocks
 
 
 @triton.jit(do_not_specialize=["n_tokens"])
@@ -28,7 +29,9 @@ def moe_sum_kernel(x_ptr, w_ptr, out_ptr, n_tokens, hidden, x_token_stride, x_k_
 
 
 def launch(n_tokens: int, topk: int, hidden: int, weighted: bool, args: tuple = ()) -> Launch:
-    block_h = min(next_power_of_2(hidden), 2048)  # H200 sweep: a whole 2048 row with 8 warps is fastest
+    # H200: a whole 2048-wide row with 8 warps is fastest for many tokens; for a few, narrower blocks spread the
+    # work over more programs
+    block_h = min(next_power_of_2(hidden), 2048 if n_tokens >= SMALL_BATCH else 512)
     return Launch(moe_sum_kernel, grid=(n_tokens, triton.cdiv(hidden, block_h)), num_warps=8 if block_h >= 2048 else 4,
                   args=args,
                   constexprs={"TOPK": topk, "WEIGHTED": weighted, "BLOCK_H": block_h})
@@ -61,5 +64,5 @@ def reference(x: torch.Tensor, topk_weights: torch.Tensor | None = None) -> torc
 def production_launches(dtype: torch.dtype) -> list[Launch]:
     k, h = PRODUCTION["topk"], PRODUCTION["hidden"]
     # unweighted launches pass `out` as the (unused) weight pointer, so its type is the output dtype
-    return [launch(4096, k, h, weighted, args=(dtype, torch.float32 if weighted else dtype, dtype, 4096, h, k * h, h, h))
-            for weighted in (False, True)]
+    return [launch(tokens, k, h, weighted, args=(dtype, torch.float32 if weighted else dtype, dtype, tokens, h, k * h, h, h))
+            for tokens in (1, 4096) for weighted in (False, True)]
