@@ -115,7 +115,7 @@ def _plan(args: argparse.Namespace, settings: Settings) -> int:
     if args.offline:
         settings = settings.model_copy(update={"offline": True})
     plan = resolve(_matrix(settings), args.release, settings)
-    path = write_plan(plan, settings.plans_dir)
+    path = write_plan(plan, settings.release_dir(plan.release, plan.fingerprint))
     if args.json:
         print(plan.model_dump_json(indent=2))
         return 0
@@ -141,10 +141,11 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
                                  "flagrelease services up deployments") from None
     url = f"{settings.prefect_ui_url}/runs/flow-run/{run.id}"
     state = run.state.name if run.state else "unknown"
-    plans = sorted((settings.plans_dir / args.release).glob("*.json"), key=lambda p: p.stat().st_mtime)
-    console.print(f"release/{args.release}: {state}\nflow run  {url}\nPrefect UI {settings.prefect_ui_url}", highlight=False)
-    if plans:
-        console.print(f"plan      {plans[-1]}", highlight=False)
+    outputs = sorted((settings.releases_dir / args.release).glob("*/plan.json"), key=lambda p: p.stat().st_mtime)
+    console.print(f"release/{args.release}: {state}\nflow run   {url}\nPrefect UI {settings.prefect_ui_url}", highlight=False)
+    if outputs:
+        console.print(f"outputs    {outputs[-1].parent} ({', '.join(sorted(p.name for p in outputs[-1].parent.iterdir()))})",
+                      highlight=False)
     return 0 if run.state is not None and run.state.is_completed() else 1
 
 

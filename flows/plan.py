@@ -110,9 +110,9 @@ def kernel_toolchain(project_dir: Path) -> dict[str, str]:
     return dict(sorted(pins.items()))
 
 
-def write_plan(plan: Plan, plans_dir: Path) -> Path:
-    """plans/<release>/<fingerprint>.json, written atomically; the same fingerprint overwrites with the same inputs."""
-    return write_atomic(plans_dir / plan.release / f"{plan.fingerprint}.json", plan.model_dump_json(indent=2) + "\n")
+def write_plan(plan: Plan, release_dir: Path) -> Path:
+    """<release dir>/plan.json, written atomically; the same fingerprint overwrites with the same inputs."""
+    return write_atomic(release_dir / "plan.json", plan.model_dump_json(indent=2) + "\n")
 
 
 def read_plan(path: Path) -> Plan:

@@ -35,5 +35,9 @@ class Settings(BaseSettings):
         return f"http://{self.prefect_host}:{self.prefect_port}"
 
     @property
-    def plans_dir(self) -> Path:
-        return self.state_dir / "plans"
+    def releases_dir(self) -> Path:
+        return self.state_dir / "releases"
+
+    def release_dir(self, release: str, fingerprint: str) -> Path:
+        """Every stage output of one release at one fingerprint: plan.json, kernels.json, ..."""
+        return self.releases_dir / release / fingerprint

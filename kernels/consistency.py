@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from kernels import fused_add_rms_norm, moe_sum, rms_norm, rotary_embedding, silu_and_mul, softmax, topk_softmax
+from kernels.report import consistency_markdown
 from kernels.tolerance import compare
 
 HIDDEN, HEAD, Q_HEADS, KV_HEADS, EXPERTS, TOPK, EXPERT_INTERMEDIATE = 2048, 128, 32, 4, 128, 8, 768
@@ -112,13 +113,6 @@ def check(device: str | torch.device = "cpu", tokens: int = 64, dtypes: tuple[to
     return rows
 
 
-def markdown(rows: list[OpResult]) -> str:
-    lines = ["| op | dtype | shape | max abs err | max rel err | atol | rtol | pass |", "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r.op} | {r.dtype} | {r.shape} | {r.max_abs_err:.3g} | {r.max_rel_err:.3g} | {r.atol:.3g} | "
-              f"{r.rtol:.3g} | {'yes' if r.passed else 'NO'} |" for r in rows]
-    return "\n".join(lines) + "\n"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Operator consistency of the FlagOS kernels against PyTorch.")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -129,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: on a CPU the kernels run under Triton's interpreter: run with TRITON_INTERPRET=1", file=sys.stderr)
         return 2
     rows = check(args.device, args.tokens)
-    print(json.dumps([asdict(r) for r in rows], indent=1) if args.json else markdown(rows), end="")
+    print(json.dumps([asdict(r) for r in rows], indent=1) if args.json else consistency_markdown(rows), end="")
     return 0 if all(r.passed for r in rows) else 1
 
 

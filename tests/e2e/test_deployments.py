@@ -66,12 +66,16 @@ def test_deployment_run_watch_completes_and_publishes_the_plan(stack: Settings, 
     result = prefect(stack, "deployment", "run", f"release/{release}", "--watch", "--watch-timeout", "240")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Completed" in result.stdout
-    [plan_file] = (stack.plans_dir / release).glob("*.json")
+    [plan_file] = (stack.releases_dir / release).glob("*/plan.json")
     plan = json.loads(plan_file.read_text())
-    assert plan["release"] == release and plan_file.stem == plan["fingerprint"]
+    assert plan["release"] == release and plan_file.parent.name == plan["fingerprint"]
+    kernels = json.loads((plan_file.parent / "kernels.json").read_text())
+    assert kernels["consistency"] and all(row["passed"] for row in kernels["consistency"])
     [artifact] = api(stack, "POST", "/artifacts/latest/filter", artifacts={"key": {"any_": [f"plan-{release}"]}})
     assert plan["fingerprint"] in artifact["data"]
     assert f"# Release plan: `{release}`" in artifact["data"]
+    [kernels_artifact] = api(stack, "POST", "/artifacts/latest/filter", artifacts={"key": {"any_": [f"kernels-{release}"]}})
+    assert "| rms_norm | bfloat16 |" in kernels_artifact["data"]
 
 
 def test_a_failing_release_makes_watch_exit_non_zero(stack: Settings):

@@ -56,6 +56,6 @@ def test_deploy_creates_a_pool_per_chip_and_a_worker_runs_the_release(server: Se
         watched = run(server, str(BIN / "prefect"), "deployment", "run", "release/smollm2-cpu", "--watch",
                       "--watch-timeout", "240")
         assert watched.returncode == 0, watched.stdout + watched.stderr
-        assert list((server.plans_dir / "smollm2-cpu").glob("*.json"))
+        assert list((server.releases_dir / "smollm2-cpu").glob("*/plan.json"))
     finally:
         terminate(worker.pid, timeout_s=20)

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from kernels import enable as flagos
-from kernels.consistency import CASES, check, markdown
+from kernels.consistency import CASES, check
+from kernels.report import consistency_markdown
 from kernels.rms_norm import rms_norm
 from kernels.silu_and_mul import silu_and_mul
 from kernels.softmax import softmax
@@ -59,7 +60,7 @@ def test_consistency_table_covers_every_op_and_passes():
     assert {r.dtype for r in rows} == {"bfloat16", "float16", "float32"}
     failed = [r for r in rows if not r.passed]
     assert failed == []
-    table = markdown(rows)
+    table = consistency_markdown(rows)
     assert table.count("\n") == len(rows) + 2 and "| rms_norm | bfloat16 | 32x2048 |" in table
 
 

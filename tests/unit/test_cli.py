@@ -52,7 +52,7 @@ def test_plan_writes_the_plan_and_prints_the_fingerprint(state: dict[str, str]):
     result = flagrelease("plan", "smollm2-cpu", env=state)
     assert result.returncode == 0, result.stderr
     fingerprint = next(line.split()[1] for line in result.stdout.splitlines() if line.startswith("fingerprint"))
-    plan = Path(state["FLAGRELEASE_STATE_DIR"]) / "plans" / "smollm2-cpu" / f"{fingerprint}.json"
+    plan = Path(state["FLAGRELEASE_STATE_DIR"]) / "releases" / "smollm2-cpu" / fingerprint / "plan.json"
     assert plan.is_file()
     assert "unpinned (offline mode: hub not contacted)" in result.stdout
 

@@ -98,7 +98,7 @@ def test_unpinned_revision_is_recorded_as_such(project_copy: Path):
 
 def test_plan_round_trips_through_json_atomically(project_copy: Path, tmp_path: Path):
     plan = plan_of(project_copy)
-    path = write_plan(plan, tmp_path / "plans")
-    assert path == tmp_path / "plans" / "qwen3-iluvatar" / f"{plan.fingerprint}.json"
+    path = write_plan(plan, tmp_path / "release")
+    assert path == tmp_path / "release" / "plan.json"
     assert read_plan(path) == plan
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left behind
