@@ -62,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     cmd.add_argument("--json", action="store_true", help="print the plan as JSON")
     cmd.set_defaults(handler=_plan)
 
+    cmd = commands.add_parser("prepare", help="fill this machine's build caches: Debian base tarballs, engine wheels")
+    cmd.set_defaults(handler=_prepare)
+
     cmd = commands.add_parser("run", help="run a release through its Prefect deployment and wait for the result")
     cmd.add_argument("release")
     cmd.add_argument("--timeout", type=int, default=3600, help="seconds to wait for the run (default 3600)")
@@ -122,6 +125,21 @@ def _plan(args: argparse.Namespace, settings: Settings) -> int:
     revision = plan.revision.resolved if plan.revision.pinned else f"unpinned ({plan.revision.note})"
     console.print(f"release      {plan.release}\nchip         {plan.chip.name}\nmodel        {plan.model.display_name}\n"
                   f"revision     {revision}\nfingerprint  {plan.fingerprint}\nplan         {path}", highlight=False)
+    return 0
+
+
+def _prepare(args: argparse.Namespace, settings: Settings) -> int:
+    from flows.build.base import base_tarball
+    from flows.build.image import ENGINE_BUILDS
+
+    def log(message: str) -> None:
+        console.print(f"prepare: {message}", highlight=False)
+
+    for chip in _matrix(settings).chips.values():
+        if chip.base_debootstrap is not None:
+            log(f"{chip.name} base: {base_tarball(chip.base_debootstrap, log)}")
+        wheels = ENGINE_BUILDS[chip.serve.engine].wheels(log)
+        log(f"{chip.name} {chip.serve.engine} wheels: {len(wheels)} ready")
     return 0
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from croniter import croniter
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
 
 from flows.errors import MatrixError, UnknownRelease
 from flows.yamlfile import YamlDocument, YamlProblem, read_yaml
@@ -25,7 +25,7 @@ Text = Annotated[str, StringConstraints(min_length=1, strip_whitespace=True)]
 
 KNOWN_BENCHMARKS = ("livebench", "aime", "gpqa", "mmlu", "musr", "gsm8k", "arithmetic")
 NATIVE_REFERENCE = "native"
-AOT_TARGET = re.compile(r"^(cuda:(80|86|89|90|100)|hip:gfx9[0-9a-f]{2})$")
+AOT_TARGET = re.compile(r"^(cuda:(80|90)|hip:gfx942|corex:ivcore20)$")  # kernels/aot.py TARGETS
 REPOSITORY = re.compile(r"^[a-z0-9.-]+(:[0-9]{1,5})?(/[a-z0-9]+([._-][a-z0-9]+)*)+$")
 
 
@@ -136,7 +136,7 @@ class TritonSpec(Strict):
     def _targets(cls, value: list[str]) -> list[str]:
         bad = [t for t in value if not AOT_TARGET.match(t)]
         if bad:
-            raise ValueError(f"unknown AOT target(s) {bad}; allowed: cuda:80, cuda:86, cuda:89, cuda:90, cuda:100, hip:gfx9xx")
+            raise ValueError(f"unknown AOT target(s) {bad}; allowed: cuda:80, cuda:90, hip:gfx942, corex:ivcore20")
         return value
 
 
@@ -146,12 +146,22 @@ class ServeSpec(Strict):
     tensor_parallel_size: int = Field(default=1, ge=1)
 
 
+class DebootstrapRecipe(Strict):
+    """A base image made here from Debian packages instead of pulled."""
+
+    suite: Name
+    variant: Literal["minbase", "buildd"] = "minbase"
+    packages: list[Name] = Field(default_factory=list)
+    mirror: Annotated[str, StringConstraints(pattern=r"^https?://\S+$")] = "http://deb.debian.org/debian"
+
+
 class ChipProfile(Strict):
     name: Name
     vendor: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9-]*$")]
     accelerator: Text
     work_pool: Name
-    base_image: Text
+    base_image: Text | None = Field(default=None, description="a registry reference to pull")
+    base_debootstrap: DebootstrapRecipe | None = Field(default=None, description="or a base made here")
     os: Text
     driver_version: Text
     smi: Text
@@ -159,6 +169,12 @@ class ChipProfile(Strict):
     versions: dict[Name, Text]
     serve: ServeSpec
     docker_run_flags: list[Annotated[str, StringConstraints(pattern=r"^-\S+$")]]
+
+    @model_validator(mode="after")
+    def _one_base(self) -> "ChipProfile":
+        if (self.base_image is None) == (self.base_debootstrap is None):
+            raise ValueError("set exactly one of base_image (a registry reference) or base_debootstrap (a recipe)")
+        return self
 
 
 @dataclass(frozen=True)

@@ -66,7 +66,7 @@ def resolve(matrix: ReleaseMatrix, release_name: str, settings: Settings) -> Pla
         suite_name=release.suite,
         suite=matrix.spec.suites[release.suite],
         reference=release.reference,
-        repository=release.repository,
+        repository=settings.repository_for(release.repository),
         schedule=release.schedule,
         revision=revision,
         inputs=inputs,

@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import os
+
+import docker
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from flows.build.image import ImageRef, build_release_image
+from flows.errors import FlagReleaseError, ServiceUnavailable
+from flows.files import write_atomic
 from flows.kernel_artifacts import KernelArtifacts, check_and_compile, consistency_report, write_artifacts
 from flows.matrix import load_matrix
 from flows.plan import Plan, resolve, write_plan
 from flows.reports import plan_markdown
+from flows.registry import Repository, RegistryClient
+from flows.services import REGISTRY_PASSWORD_ENV, REGISTRY_USER_ENV
 from flows.settings import Settings
+
+REGISTRY_SECRET_BLOCK = "flagrelease-registry-password"
 
 
 @task(name="resolve", cache_policy=NO_CACHE)
@@ -44,11 +54,49 @@ def kernels_stage(plan: Plan, settings: Settings) -> KernelArtifacts:
     return artifacts
 
 
+def registry_auth() -> dict[str, str] | None:
+    """Registry credentials from the environment, or the password from the Prefect Secret block
+    `flagrelease-registry-password`; never logged."""
+    user, password = os.environ.get(REGISTRY_USER_ENV), os.environ.get(REGISTRY_PASSWORD_ENV)
+    if user and not password:
+        from prefect.blocks.system import Secret
+
+        password = Secret.load(REGISTRY_SECRET_BLOCK).get()
+    return {"username": user, "password": password} if user and password else None
+
+
+def docker_client(settings: Settings) -> docker.DockerClient:
+    try:
+        client = docker.DockerClient(base_url=settings.docker_host, timeout=600)
+        client.ping()
+    except docker.errors.DockerException as exc:
+        raise ServiceUnavailable("Docker Engine", f"{settings.docker_host}: {exc}", "flagrelease services up docker") from None
+    return client
+
+
+@task(name="build", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=[10],
+      retry_condition_fn=lambda task, run, state: not isinstance(state.result(raise_on_failure=False), FlagReleaseError))
+def build_stage(plan: Plan, kernels: KernelArtifacts, settings: Settings) -> ImageRef:
+    """Build and push the FlagOS image for the chip, unless the registry already holds this fingerprint."""
+    logger = get_run_logger()
+    auth = registry_auth()
+    registry = RegistryClient(Repository.parse(plan.repository), (auth["username"], auth["password"]) if auth else None)
+    outputs = settings.release_dir(plan.release, plan.fingerprint)
+    image = build_release_image(plan, kernels, docker_client(settings), registry, outputs / "context",
+                                settings.project_dir, auth, logger.info)
+    write_atomic(outputs / "image.json", image.model_dump_json(indent=2) + "\n")
+    create_markdown_artifact(key=f"image-{plan.release}", description=f"Image of {plan.release}", markdown=(
+        f"# Image: `{plan.release}`\n\n| | |\n|---|---|\n| by digest | `{image.by_digest}` |\n"
+        f"| version tag | `{image.by_tag}` |\n| built now | {'yes' if image.built else 'no (fingerprint already pushed)'} |\n"))
+    return image
+
+
 @flow(name="release", flow_run_name="{release_name}")
 def release(release_name: str = "smollm2-cpu") -> dict[str, str]:
-    """Release one entry of the matrix. Stages: resolve, kernels (more stages join as they are built)."""
+    """Release one entry of the matrix. Stages: resolve, kernels, build (more stages join as they are built)."""
     settings = Settings()
     plan = resolve_stage(release_name, settings)
-    kernels_stage(plan, settings)
-    return {"release": plan.release, "fingerprint": plan.fingerprint,
+    kernels = kernels_stage(plan, settings)
+    image = build_stage(plan, kernels, settings)
+    return {"release": plan.release, "fingerprint": plan.fingerprint, "image": image.by_digest,
             "outputs": str(settings.release_dir(plan.release, plan.fingerprint))}

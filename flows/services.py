@@ -49,7 +49,8 @@ class ServiceStatus:
 
 def child_env(settings: Settings) -> dict[str, str]:
     """The settings as FLAGRELEASE_* variables plus the Prefect environment: what every child process must see."""
-    settings_env = {f"FLAGRELEASE_{name.upper()}": str(value) for name, value in settings.model_dump().items()}
+    settings_env = {f"FLAGRELEASE_{name.upper()}": str(value) for name, value in settings.model_dump().items()
+                    if value is not None}
     return {**settings_env, **prefect_env(settings)}
 
 

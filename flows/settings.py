@@ -25,6 +25,13 @@ class Settings(BaseSettings):
     registry_host: str = "127.0.0.1"
     registry_port: int = Field(default=5000, ge=1, le=65535)
     docker_host: str = "unix:///var/run/docker.sock"
+    registry_override: str | None = Field(default=None, description="host:port that replaces the registry of every "
+                                          "release repository (test and staging registries); not part of fingerprints")
+
+    def repository_for(self, repository: str) -> str:
+        if not self.registry_override:
+            return repository
+        return f"{self.registry_override}/{repository.partition('/')[2]}"
 
     @property
     def prefect_api_url(self) -> str:

@@ -24,7 +24,10 @@ TARGETS: dict[str, tuple[str, int | str, int]] = {
     "cuda:80": ("cuda", 80, 32),
     "cuda:90": ("cuda", 90, 32),
     "hip:gfx942": ("hip", "gfx942", 64),
+    # Iluvatar BI-V150 through FlagTree's `corex` backend (warp 64); only FlagTree's Triton has that backend
+    "corex:ivcore20": ("corex", "ivcore20", 64),
 }
+BACKEND_PLUGIN = {"cuda": "nvidia", "hip": "amd"}  # Triton's backend package for each target backend
 MANIFEST = "aot-manifest.json"
 OP_MODULES = ("rms_norm", "fused_add_rms_norm", "silu_and_mul", "rotary_embedding", "topk_softmax", "moe_sum", "softmax")
 FP32_OPS = ("topk_softmax", "softmax")  # the router and the sampler also run in fp32
@@ -131,6 +134,13 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [t for t in args.target if t not in TARGETS]
     if unknown:
         print(f"error: unknown target {unknown[0]!r}; known targets: {', '.join(TARGETS)}", file=sys.stderr)
+        return 2
+    from triton.backends import backends
+
+    missing = sorted({TARGETS[t][0] for t in args.target if BACKEND_PLUGIN.get(TARGETS[t][0], TARGETS[t][0]) not in backends})
+    if missing:
+        print(f"error: this Triton has no {', '.join(missing)} backend (it has: {', '.join(sorted(backends))}); "
+              "compile those targets with the vendor's Triton, e.g. FlagTree in the chip's builder image", file=sys.stderr)
         return 2
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("error: TRITON_INTERPRET=1 is set: the interpreter compiles nothing; unset it to compile", file=sys.stderr)

@@ -31,4 +31,7 @@ if [[ ! -f $stamp || pyproject.toml -nt $stamp ]]; then
     .venv/bin/pip install -q --disable-pip-version-check -e ".[kernels,test]"
     touch "$stamp"
 fi
+# Machine-level build caches (outside the clone, reused by later clones): the Debian base of the cpu image and the
+# portable llama.cpp wheel, which compiles for several minutes the first time on a new machine.
+.venv/bin/flagrelease prepare
 echo "setup: ready ($(.venv/bin/python --version), $(.venv/bin/flagrelease --help >/dev/null && echo 'flagrelease CLI ok'))"

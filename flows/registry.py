@@ -1,0 +1,100 @@
+"""A small client for the OCI distribution API (CNCF distribution 2.8 and compatible registries).
+
+Manifests are always asked for with the Docker v2 *and* OCI media types: distribution 2.8 answers a tag lookup
+that lacks the Docker v2 type with a schema1 rewrite under another digest. Transient failures (connection errors,
+5xx) are retried with increasing delays; a registry that never answers says how to start the local one.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import requests
+
+from flows.errors import FlagReleaseError, ServiceUnavailable
+
+MANIFEST_TYPES = ", ".join((
+    "application/vnd.docker.distribution.manifest.v2+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.oci.image.index.v1+json",
+))
+RETRY_DELAYS_S = (1.0, 2.0, 4.0)
+
+
+class RegistryError(FlagReleaseError):
+    pass
+
+
+@dataclass(frozen=True)
+class Repository:
+    """`host[:port]/path` split into the registry host and the repository name."""
+
+    host: str
+    name: str
+
+    @classmethod
+    def parse(cls, repository: str) -> "Repository":
+        host, _, name = repository.partition("/")
+        return cls(host=host, name=name)
+
+    def __str__(self) -> str:
+        return f"{self.host}/{self.name}"
+
+    @property
+    def base_url(self) -> str:
+        local = self.host.startswith(("127.", "localhost", "[::1]"))
+        return f"{'http' if local else 'https'}://{self.host}/v2"
+
+
+class RegistryClient:
+    def __init__(self, repository: Repository, auth: tuple[str, str] | None = None, timeout_s: float = 15.0):
+        self.repository = repository
+        self.auth = auth
+        self.timeout_s = timeout_s
+
+    def manifest_digest(self, reference: str) -> str | None:
+        """The digest the registry serves for a tag or digest, or None if it has no such manifest."""
+        response = self._request("HEAD", f"/{self.repository.name}/manifests/{reference}",
+                                 headers={"Accept": MANIFEST_TYPES})
+        if response.status_code == 404:
+            return None
+        self._raise_for(response, f"manifest {self.repository}:{reference}")
+        return response.headers["Docker-Content-Digest"]
+
+    def image_labels(self, reference: str) -> dict[str, str]:
+        """The config labels of an image manifest (two requests: the manifest, then its config blob)."""
+        manifest = self._request("GET", f"/{self.repository.name}/manifests/{reference}", headers={"Accept": MANIFEST_TYPES})
+        self._raise_for(manifest, f"manifest {self.repository}:{reference}")
+        config_digest = manifest.json()["config"]["digest"]
+        blob = self._request("GET", f"/{self.repository.name}/blobs/{config_digest}")
+        self._raise_for(blob, f"config blob {config_digest}")
+        return blob.json().get("config", {}).get("Labels") or {}
+
+    def _request(self, method: str, path: str, headers: dict[str, str] | None = None) -> requests.Response:
+        url = f"{self.repository.base_url}{path}"
+        last_error = ""
+        for attempt, delay in enumerate((0.0, *RETRY_DELAYS_S)):
+            time.sleep(delay)
+            try:
+                response = requests.request(method, url, headers=headers, auth=self.auth, timeout=self.timeout_s)
+            except requests.ConnectionError as exc:
+                last_error = f"cannot connect ({type(exc).__name__})"
+                continue
+            except requests.Timeout:
+                last_error = f"no answer within {self.timeout_s:.0f} s"
+                continue
+            if response.status_code < 500:
+                return response
+            last_error = f"HTTP {response.status_code}"
+        raise ServiceUnavailable(f"registry {self.repository.host}", f"{last_error} after {attempt + 1} attempts ({url})",
+                                 "flagrelease services up registry (or check the registry in releases.yaml)")
+
+    def _raise_for(self, response: requests.Response, what: str) -> None:
+        if response.status_code == 401:
+            raise RegistryError(f"registry {self.repository.host} refused {what}: authentication required or wrong; "
+                                "set FLAGRELEASE_REGISTRY_USER and FLAGRELEASE_REGISTRY_PASSWORD")
+        if response.status_code >= 400:
+            raise RegistryError(f"registry {self.repository.host} answered HTTP {response.status_code} for {what}: "
+                                f"{response.text[:300]}")

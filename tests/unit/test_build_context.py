@@ -1,0 +1,111 @@
+"""Build contexts rendered from the plan: Dockerfiles for every chip (structure + hadolint), serve configurations,
+labels, wheels with hashes, and StrictUndefined rendering."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+from dockerfile_parse import DockerfileParser
+
+from flows.build.context import (FLAGOS_HOME, TRITON_CACHE, TemplateError, assemble_context, render,
+                                 render_dockerfile, render_serve_config)
+from flows.kernel_artifacts import KernelArtifacts, OpConsistency
+from flows.matrix import load_matrix
+from flows.plan import resolve
+from flows.settings import Settings
+from tests.conftest import PROJECT_DIR
+
+HADOLINT = Path(sys.executable).parent / "hadolint"
+
+
+def plan_of(release: str, root: Path = PROJECT_DIR):
+    settings = Settings(project_dir=root, matrix=root / "releases.yaml", images_dir=root / "images",
+                        state_dir=root / ".state-test", offline=True)
+    return resolve(load_matrix(settings.matrix, settings.images_dir), release, settings)
+
+
+def instructions(text: str) -> list[tuple[str, str]]:
+    with tempfile.TemporaryDirectory() as folder:
+        parser = DockerfileParser(path=folder)
+        parser.content = text
+        return [(i["instruction"], i["value"]) for i in parser.structure if i["instruction"] != "COMMENT"]
+
+
+def kernels() -> KernelArtifacts:
+    row = OpConsistency(op="rms_norm", dtype="bfloat16", shape="16x2048", max_abs_err=0.01, max_rel_err=0.003,
+                        atol=1e-4, rtol=0.016, passed=True)
+    return KernelArtifacts(device="cpu (Triton interpreter)", consistency=[row], aot_targets=[], aot_cache_dir=None,
+                           aot_manifest=None, aot_kernels=0, aot_reused=False)
+
+
+@pytest.mark.parametrize("release", ["qwen3-iluvatar", "qwen3-nvidia", "smollm2-cpu"])
+def test_every_chip_dockerfile_renders_and_passes_hadolint(release: str, tmp_path: Path):
+    plan = plan_of(release)
+    dockerfile = render_dockerfile(plan, plan.chip.base_image or "local/flagrelease-base-cpu:test", PROJECT_DIR)
+    (tmp_path / "Dockerfile").write_text(dockerfile)
+    # DL3013 (pin pip versions): the requirements file pins every wheel by version and hash
+    lint = subprocess.run([str(HADOLINT), "--ignore", "DL3013", "--failure-threshold", "warning",
+                           str(tmp_path / "Dockerfile")], capture_output=True, text=True)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    assert "{{" not in dockerfile and "}}" not in dockerfile
+
+
+def test_gpu_images_compile_the_kernels_in_a_builder_stage_at_the_runtime_path():
+    for release, target in (("qwen3-iluvatar", "--target corex:ivcore20"), ("qwen3-nvidia", "--target cuda:80 --target cuda:90")):
+        plan = plan_of(release)
+        steps = instructions(render_dockerfile(plan, plan.chip.base_image, PROJECT_DIR))
+        assert steps[0] == ("FROM", f"{plan.chip.base_image} AS kernels")
+        assert ("RUN", f"python3 -m kernels.aot {target} --out {TRITON_CACHE}") in steps
+        assert ("COPY", f"--from=kernels {FLAGOS_HOME}/ {FLAGOS_HOME}/") in steps
+        env = " ".join(value for kind, value in steps if kind == "ENV")
+        assert f"TRITON_CACHE_DIR={TRITON_CACHE}" in env and "USE_FLAGGEMS=1" in env
+        assert steps[-1] == ("CMD", f'["flagscale", "serve", "qwen3", "{FLAGOS_HOME}/serve/vllm.yaml"]')
+
+
+def test_cpu_image_orders_layers_from_heavy_to_light():
+    plan = plan_of("smollm2-cpu")
+    steps = [kind + " " + value.split()[0] for kind, value in instructions(render_dockerfile(plan, "base:1", PROJECT_DIR))]
+    assert steps.index("COPY wheels/") < steps.index("RUN python3") < steps.index("COPY kernels/") < steps.index("COPY serve/")
+
+
+def test_serve_configurations_carry_the_served_name_port_and_mounted_weights():
+    name, text = render_serve_config(plan_of("smollm2-cpu"), PROJECT_DIR)
+    config = json.loads(text)
+    assert name == "llama_cpp.json" and config["port"] == 8000 and config["host"] == "0.0.0.0"
+    assert config["models"][0]["model_alias"] == "smollm2-135m-flagos"
+    assert config["models"][0]["model"] == "/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+    name, text = render_serve_config(plan_of("qwen3-iluvatar"), PROJECT_DIR)
+    engine = yaml.safe_load(text)["serve"][0]["engine_args"]
+    assert name == "vllm.yaml" and engine["served_model_name"] == "qwen3-30b-a3b-flagos" and engine["port"] == 8000
+    assert engine["model"] == "/models/Qwen3-30B-A3B" and engine["tensor_parallel_size"] == 1
+
+
+def test_a_missing_template_variable_names_it(tmp_path: Path):
+    (tmp_path / "x.j2").write_text("FROM {{ base_image }}\nLABEL a={{ not_given }}\n")
+    with pytest.raises(TemplateError, match=r"x.j2: 'not_given' is undefined"):
+        render(tmp_path, "x.j2", base_image="debian")
+
+
+def test_context_has_hashed_wheels_kernels_manifest_and_labels(tmp_path: Path):
+    wheel = tmp_path / "demo_pkg-1.2.3-py3-none-any.whl"
+    wheel.write_bytes(b"not really a wheel")
+    plan = plan_of("smollm2-cpu")
+    context = assemble_context(plan, kernels(), "base:1", [wheel], tmp_path / "ctx", PROJECT_DIR, {"flag": "x"})
+    requirements = (context.path / "wheels" / "requirements.txt").read_text()
+    assert requirements.startswith("demo_pkg==1.2.3 --hash=sha256:")
+    assert sorted(p.name for p in (context.path / "kernels").iterdir()) == sorted(p.name for p in (PROJECT_DIR / "kernels").glob("*.py"))
+    manifest = json.loads((context.path / "flagos" / "kernels-manifest.json").read_text())
+    assert manifest["consistency"][0]["op"] == "rms_norm" and manifest["aot"] is None
+    labels = context.labels
+    assert labels["flagrelease.fingerprint"] == plan.fingerprint
+    assert labels["org.opencontainers.image.version"] == plan.short_fingerprint == context.version
+    assert labels["org.opencontainers.image.title"] == "SmolLM2-135M-Instruct-CPU-FlagOS"
+    assert labels["org.opencontainers.image.licenses"] == "apache-2.0"
+    assert labels["flagrelease.build.flag"] == "x" and labels["flagrelease.tool.triton"] == "3.7.1"
+    assert labels["flagrelease.kernels-manifest"].startswith(f"{FLAGOS_HOME}/kernels-manifest.json@sha256:")
