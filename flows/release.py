@@ -9,7 +9,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.build.image import ImageRef, build_release_image
+from flows.build.image import ImageRef, build_release_image, existing_image
 from flows.errors import FlagReleaseError, ServiceUnavailable
 from flows.files import write_atomic
 from flows.kernel_artifacts import KernelArtifacts, check_and_compile, consistency_report, write_artifacts
@@ -74,20 +74,39 @@ def docker_client(settings: Settings) -> docker.DockerClient:
     return client
 
 
-@task(name="build", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=[10],
-      retry_condition_fn=lambda task, run, state: not isinstance(state.result(raise_on_failure=False), FlagReleaseError))
-def build_stage(plan: Plan, kernels: KernelArtifacts, settings: Settings) -> ImageRef:
-    """Build and push the FlagOS image for the chip, unless the registry already holds this fingerprint."""
-    logger = get_run_logger()
+def registry_for(plan: Plan) -> tuple[RegistryClient, dict[str, str] | None]:
     auth = registry_auth()
-    registry = RegistryClient(Repository.parse(plan.repository), (auth["username"], auth["password"]) if auth else None)
-    outputs = settings.release_dir(plan.release, plan.fingerprint)
-    image = build_release_image(plan, kernels, docker_client(settings), registry, outputs / "context",
-                                settings.project_dir, auth, logger.info)
-    write_atomic(outputs / "image.json", image.model_dump_json(indent=2) + "\n")
+    return RegistryClient(Repository.parse(plan.repository), (auth["username"], auth["password"]) if auth else None), auth
+
+
+@task(name="find-image", cache_policy=NO_CACHE)
+def find_image(plan: Plan, settings: Settings) -> ImageRef | None:
+    """One registry request: is this fingerprint already built and pushed? Then kernels and build have nothing to do."""
+    image = existing_image(plan, registry_for(plan)[0])
+    if image is not None:
+        get_run_logger().info("%s is already in the registry as %s: skipping kernels and build", image.by_tag, image.digest)
+        record_image(plan, image, settings)
+    return image
+
+
+def record_image(plan: Plan, image: ImageRef, settings: Settings) -> None:
+    """image.json beside the plan, and the image artifact for the UI."""
+    write_atomic(settings.release_dir(plan.release, plan.fingerprint) / "image.json", image.model_dump_json(indent=2) + "\n")
     create_markdown_artifact(key=f"image-{plan.release}", description=f"Image of {plan.release}", markdown=(
         f"# Image: `{plan.release}`\n\n| | |\n|---|---|\n| by digest | `{image.by_digest}` |\n"
         f"| version tag | `{image.by_tag}` |\n| built now | {'yes' if image.built else 'no (fingerprint already pushed)'} |\n"))
+
+
+@task(name="build", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=[10],
+      retry_condition_fn=lambda task, run, state: not isinstance(state.result(raise_on_failure=False), FlagReleaseError))
+def build_stage(plan: Plan, kernels: KernelArtifacts, settings: Settings) -> ImageRef:
+    """Build and push the FlagOS image for the chip (streaming the build log here)."""
+    logger = get_run_logger()
+    registry, auth = registry_for(plan)
+    outputs = settings.release_dir(plan.release, plan.fingerprint)
+    image = build_release_image(plan, kernels, docker_client(settings), registry, outputs / "context",
+                                settings.project_dir, auth, logger.info)
+    record_image(plan, image, settings)
     return image
 
 
@@ -96,7 +115,9 @@ def release(release_name: str = "smollm2-cpu") -> dict[str, str]:
     """Release one entry of the matrix. Stages: resolve, kernels, build (more stages join as they are built)."""
     settings = Settings()
     plan = resolve_stage(release_name, settings)
-    kernels = kernels_stage(plan, settings)
-    image = build_stage(plan, kernels, settings)
+    image = find_image(plan, settings)
+    if image is None:
+        kernels = kernels_stage(plan, settings)
+        image = build_stage(plan, kernels, settings)
     return {"release": plan.release, "fingerprint": plan.fingerprint, "image": image.by_digest,
             "outputs": str(settings.release_dir(plan.release, plan.fingerprint))}

@@ -27,10 +27,11 @@ BIN = Path(sys.executable).parent
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
     settings = Settings(state_dir=tmp_path_factory.mktemp("pools") / "state", prefect_port=free_port(),
                         registry_port=free_port(), offline=True)
+    settings = settings.model_copy(update={"registry_override": f"127.0.0.1:{settings.registry_port}"})
     services = Services(settings)
-    services.up(("prefect",))
+    started = services.up(("docker", "registry", "prefect"))
     yield settings
-    services.down(("prefect",))
+    services.down(tuple(s.name for s in started if s.state == "started"))
 
 
 def run(settings: Settings, *argv: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -54,8 +55,8 @@ def test_deploy_creates_a_pool_per_chip_and_a_worker_runs_the_release(server: Se
                               stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         watched = run(server, str(BIN / "prefect"), "deployment", "run", "release/smollm2-cpu", "--watch",
-                      "--watch-timeout", "240")
+                      "--watch-timeout", "400", timeout=500)
         assert watched.returncode == 0, watched.stdout + watched.stderr
-        assert list((server.releases_dir / "smollm2-cpu").glob("*/plan.json"))
+        assert list((server.releases_dir / "smollm2-cpu").glob("*/image.json"))
     finally:
         terminate(worker.pid, timeout_s=20)

