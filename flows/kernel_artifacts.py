@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict
 from flows.errors import FlagReleaseError
 from flows.files import write_atomic
 from flows.plan import Plan
-from kernels.report import consistency_markdown
+from kernels.report import OpResult, consistency_markdown
 
 CONSISTENCY_TOKENS = 16  # the CPU interpreter runs ~1-3 ms per program: production widths, few tokens
 
@@ -28,26 +28,13 @@ class KernelCheckFailed(FlagReleaseError):
     """A kernel disagrees with its reference, or the AOT compile failed."""
 
 
-class OpConsistency(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    op: str
-    dtype: str
-    shape: str
-    max_abs_err: float
-    max_rel_err: float
-    atol: float
-    rtol: float
-    passed: bool
-
-
 class KernelArtifacts(BaseModel):
     """What the build stage bakes into the image and the card reports."""
 
     model_config = ConfigDict(frozen=True)
 
     device: str
-    consistency: list[OpConsistency]
+    consistency: list[OpResult]
     aot_targets: list[str]
     aot_cache_dir: str | None
     aot_manifest: str | None
@@ -89,13 +76,13 @@ def check_and_compile(plan: Plan, state_dir: Path, project_dir: Path) -> KernelA
                            aot_reused=reused)
 
 
-def run_consistency(project_dir: Path, tokens: int = CONSISTENCY_TOKENS) -> list[OpConsistency]:
+def run_consistency(project_dir: Path, tokens: int = CONSISTENCY_TOKENS) -> list[OpResult]:
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     result = subprocess.run([sys.executable, "-m", "kernels.consistency", "--device", "cpu", "--tokens", str(tokens),
                              "--json"], cwd=project_dir, env=env, capture_output=True, text=True, timeout=1800)
     if result.returncode not in (0, 1):  # 1 = some row failed: reported from the rows themselves
         raise KernelCheckFailed(f"the operator consistency check crashed (exit {result.returncode}):\n{result.stderr[-2000:]}")
-    return [OpConsistency(**row) for row in json.loads(result.stdout)]
+    return [OpResult(**row) for row in json.loads(result.stdout)]
 
 
 def run_aot(targets: list[str], cache_dir: Path, project_dir: Path) -> None:

@@ -13,27 +13,15 @@ import os
 import secrets
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 
 from kernels import fused_add_rms_norm, moe_sum, rms_norm, rotary_embedding, silu_and_mul, softmax, topk_softmax
-from kernels.report import consistency_markdown
+from kernels.report import OpResult, consistency_markdown
 from kernels.tolerance import compare
 
 HIDDEN, HEAD, Q_HEADS, KV_HEADS, EXPERTS, TOPK, EXPERT_INTERMEDIATE = 2048, 128, 32, 4, 128, 8, 768
-
-
-@dataclass(frozen=True)
-class OpResult:
-    op: str
-    dtype: str
-    shape: str
-    max_abs_err: float
-    max_rel_err: float
-    atol: float
-    rtol: float
-    passed: bool
 
 
 Case = Callable[[torch.dtype, int, torch.device], list[tuple[torch.Tensor, torch.Tensor, int, tuple]]]

@@ -10,6 +10,8 @@ import os
 import shutil
 import socket
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,8 @@ import torch  # noqa: E402  (after the environment above; Triton reads TRITON_IN
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # kernels run under Triton's interpreter on a CPU box
+
+from flows.settings import Settings  # noqa: E402  (after the Prefect environment above)
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 TIER_BY_FOLDER = {"unit": "unit", "kernels": "unit", "services": "services", "e2e": "e2e"}
@@ -47,6 +51,23 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@contextmanager
+def running_services(state_dir: Path, names: tuple[str, ...], expected_deployments: tuple[str, ...] = ()) -> Iterator[Settings]:
+    """Settings on free loopback ports whose releases push to this test's own registry, with the named services
+    started for the block and stopped after (only those the block started)."""
+    from flows.services import Services
+
+    port = free_port()
+    settings = Settings(state_dir=state_dir, prefect_port=free_port(), registry_port=port, offline=True,
+                        registry_override=f"127.0.0.1:{port}")
+    services = Services(settings, expected_deployments=list(expected_deployments))
+    started = services.up(names)
+    try:
+        yield settings
+    finally:
+        services.down(tuple(s.name for s in started if s.state == "started"))
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from flows.registry import MANIFEST_TYPES
 from flows.services import Services, child_env
 from flows.settings import Settings
 from flows.uicheck import check_page, chromium
-from tests.conftest import PROJECT_DIR, free_port
+from tests.conftest import PROJECT_DIR, running_services
 
 MATRIX = load_matrix(PROJECT_DIR / "releases.yaml")
 EXPECTED = [f"{spec.flow}/{spec.name}" for spec in deployment_specs(MATRIX)]
@@ -29,13 +29,8 @@ EXPECTED = [f"{spec.flow}/{spec.name}" for spec in deployment_specs(MATRIX)]
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
     """Docker Engine, a registry, a Prefect server and the `serve` process: free ports, a throwaway state folder,
     and the registry override so releases push to this registry."""
-    settings = Settings(state_dir=tmp_path_factory.mktemp("e2e") / "state", prefect_port=free_port(),
-                        registry_port=free_port(), offline=True)
-    settings = settings.model_copy(update={"registry_override": f"127.0.0.1:{settings.registry_port}"})
-    services = Services(settings, expected_deployments=EXPECTED)
-    started = services.up()
-    yield settings
-    services.down(tuple(s.name for s in started if s.state == "started"))
+    with running_services(tmp_path_factory.mktemp("e2e") / "state", Services.ORDER, tuple(EXPECTED)) as settings:
+        yield settings
 
 
 def prefect(settings: Settings, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:

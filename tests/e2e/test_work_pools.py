@@ -15,9 +15,9 @@ import requests
 
 from flows.deployments import work_pools
 from flows.matrix import load_matrix
-from flows.services import Services, child_env, terminate
+from flows.services import child_env, terminate
 from flows.settings import Settings
-from tests.conftest import PROJECT_DIR, free_port
+from tests.conftest import PROJECT_DIR, running_services
 
 MATRIX = load_matrix(PROJECT_DIR / "releases.yaml")
 BIN = Path(sys.executable).parent
@@ -25,13 +25,8 @@ BIN = Path(sys.executable).parent
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
-    settings = Settings(state_dir=tmp_path_factory.mktemp("pools") / "state", prefect_port=free_port(),
-                        registry_port=free_port(), offline=True)
-    settings = settings.model_copy(update={"registry_override": f"127.0.0.1:{settings.registry_port}"})
-    services = Services(settings)
-    started = services.up(("docker", "registry", "prefect"))
-    yield settings
-    services.down(tuple(s.name for s in started if s.state == "started"))
+    with running_services(tmp_path_factory.mktemp("pools") / "state", ("docker", "registry", "prefect")) as settings:
+        yield settings
 
 
 def run(settings: Settings, *argv: str, timeout: int = 300) -> subprocess.CompletedProcess:

