@@ -2,25 +2,19 @@
 
 from __future__ import annotations
 
-import os
-
-import docker
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows.build.image import ImageRef, build_release_image, existing_image
-from flows.errors import FlagReleaseError, ServiceUnavailable
+from flows.connections import docker_client, registry_for
+from flows.errors import FlagReleaseError
 from flows.files import write_atomic
 from flows.kernel_artifacts import KernelArtifacts, check_and_compile, consistency_report, write_artifacts
 from flows.matrix import load_matrix
 from flows.plan import Plan, resolve, write_plan
 from flows.reports import plan_markdown
-from flows.registry import Repository, RegistryClient
-from flows.services import REGISTRY_PASSWORD_ENV, REGISTRY_USER_ENV
 from flows.settings import Settings
-
-REGISTRY_SECRET_BLOCK = "flagrelease-registry-password"
 
 
 @task(name="resolve", cache_policy=NO_CACHE)
@@ -52,31 +46,6 @@ def kernels_stage(plan: Plan, settings: Settings) -> KernelArtifacts:
     create_markdown_artifact(key=f"kernels-{plan.release}", markdown=consistency_report(artifacts),
                              description=f"Operator consistency and AOT cache for {plan.release} ({path})")
     return artifacts
-
-
-def registry_auth() -> dict[str, str] | None:
-    """Registry credentials from the environment, or the password from the Prefect Secret block
-    `flagrelease-registry-password`; never logged."""
-    user, password = os.environ.get(REGISTRY_USER_ENV), os.environ.get(REGISTRY_PASSWORD_ENV)
-    if user and not password:
-        from prefect.blocks.system import Secret
-
-        password = Secret.load(REGISTRY_SECRET_BLOCK).get()
-    return {"username": user, "password": password} if user and password else None
-
-
-def docker_client(settings: Settings) -> docker.DockerClient:
-    try:
-        client = docker.DockerClient(base_url=settings.docker_host, timeout=600)
-        client.ping()
-    except docker.errors.DockerException as exc:
-        raise ServiceUnavailable("Docker Engine", f"{settings.docker_host}: {exc}", "flagrelease services up docker") from None
-    return client
-
-
-def registry_for(plan: Plan) -> tuple[RegistryClient, dict[str, str] | None]:
-    auth = registry_auth()
-    return RegistryClient(Repository.parse(plan.repository), (auth["username"], auth["password"]) if auth else None), auth
 
 
 @task(name="find-image", cache_policy=NO_CACHE)

@@ -75,7 +75,7 @@ def test_unreachable_registry_says_how_to_start_it():
 
 
 def test_docker_engine_down_says_how_to_start_it(tmp_path):
-    from flows.release import docker_client
+    from flows.connections import docker_client
     from flows.settings import Settings
 
     with pytest.raises(ServiceUnavailable, match="Docker Engine is not available: .*flagrelease services up docker"):
