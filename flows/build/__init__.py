@@ -1,0 +1,1 @@
+"""The build stage: base images, wheelhouses, build contexts, image builds and pushes."""

@@ -1,0 +1,150 @@
+"""Render a release's Docker build context: Dockerfile, wheels with hashes, the kernels package and manifest, the
+serve configuration. Everything is rendered from the plan with StrictUndefined; nothing is typed by hand."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import jinja2
+
+from flows.errors import FlagReleaseError
+from flows.files import sha256_file
+from flows.kernel_artifacts import KernelArtifacts
+from flows.plan import Plan
+
+FLAGOS_HOME = "/opt/flagos"
+TRITON_CACHE = f"{FLAGOS_HOME}/triton-cache"
+MODEL_MOUNT = "/models"  # weights are mounted read-only here at run time, never baked in
+KERNEL_SOURCES = ("*.py",)
+SERVE_CONFIGS = {"llama_cpp": "llama_cpp.json", "vllm": "vllm.yaml"}
+SERVE_NAMES = {"Qwen3MoeForCausalLM": "qwen3", "llama": "llama"}  # FlagScale's example name per architecture
+
+
+class TemplateError(FlagReleaseError):
+    pass
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    path: Path
+    dockerfile: str
+    version: str
+    labels: dict[str, str]
+
+
+def render(template_dir: Path, name: str, **values: object) -> str:
+    environment = jinja2.Environment(loader=jinja2.FileSystemLoader(template_dir), undefined=jinja2.StrictUndefined,
+                                     autoescape=False, keep_trailing_newline=True)
+    try:
+        return environment.get_template(name).render(**values)
+    except jinja2.UndefinedError as exc:
+        raise TemplateError(f"template {template_dir / name}: {exc.message}") from None
+    except jinja2.TemplateNotFound:
+        raise TemplateError(f"template {template_dir / name} does not exist") from None
+
+
+def dockerfile_template(plan: Plan, project_dir: Path) -> tuple[Path, str]:
+    """A chip's own images/<chip>/Dockerfile.j2 if it has one, else the engine's templates/Dockerfile.<engine>.j2."""
+    own = project_dir / "images" / plan.chip.name / "Dockerfile.j2"
+    if own.exists():
+        return own.parent, own.name
+    return project_dir / "templates", f"Dockerfile.{plan.chip.serve.engine}.j2"
+
+
+def model_path(plan: Plan) -> str:
+    weights = plan.model.source.file.rsplit("/", 1)[-1] if plan.model.source.file else plan.model.display_name
+    return f"{MODEL_MOUNT}/{weights}"
+
+
+def render_dockerfile(plan: Plan, base_image: str, project_dir: Path) -> str:
+    folder, name = dockerfile_template(plan, project_dir)
+    return render(folder, name, base_image=base_image, chip=plan.chip.name, flagos_home=FLAGOS_HOME,
+                  triton_cache=TRITON_CACHE, aot_targets=plan.chip.triton.aot_targets, serve_port=plan.chip.serve.port,
+                  serve_config=SERVE_CONFIGS[plan.chip.serve.engine], serve_name=serve_name(plan))
+
+
+def serve_name(plan: Plan) -> str:
+    return SERVE_NAMES.get(plan.model.architecture, plan.model_name)
+
+
+def render_serve_config(plan: Plan, project_dir: Path) -> tuple[str, str]:
+    config = SERVE_CONFIGS[plan.chip.serve.engine]
+    text = render(project_dir / "templates" / "serve", f"{config}.j2", port=plan.chip.serve.port,
+                  served_name=plan.model.served_name, model_path=model_path(plan), serve_name=serve_name(plan),
+                  tensor_parallel_size=plan.chip.serve.tensor_parallel_size, triton_cache=TRITON_CACHE,
+                  threads=max(1, (os.cpu_count() or 2) // 2))
+    return config, text
+
+
+def image_labels(plan: Plan, kernels_manifest_sha256: str, project_dir: Path, build_flags: dict[str, str]) -> dict[str, str]:
+    revision, source = _git_identity(project_dir)
+    labels = {
+        "org.opencontainers.image.title": f"{plan.model.display_name}-{plan.chip.vendor}-FlagOS",
+        "org.opencontainers.image.source": source,
+        "org.opencontainers.image.revision": revision,
+        "org.opencontainers.image.created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "org.opencontainers.image.version": plan.short_fingerprint,
+        "org.opencontainers.image.licenses": plan.model.license.id,
+        "flagrelease.release": plan.release,
+        "flagrelease.chip": plan.chip.name,
+        "flagrelease.model": plan.model_name,
+        "flagrelease.model-revision": plan.revision.fingerprint_value,
+        "flagrelease.fingerprint": plan.fingerprint,
+        "flagrelease.kernels-manifest": f"{FLAGOS_HOME}/kernels-manifest.json@sha256:{kernels_manifest_sha256}",
+    }
+    labels.update({f"flagrelease.tool.{name}": version for name, version in plan.chip.versions.items()})
+    labels.update({f"flagrelease.build.{name}": value for name, value in build_flags.items()})
+    return labels
+
+
+def assemble_context(plan: Plan, kernels: KernelArtifacts, base_image: str, wheels: list[Path], dest: Path,
+                     project_dir: Path, build_flags: dict[str, str]) -> BuildContext:
+    """Write the whole context into `dest` (emptied first) and return it with its labels."""
+    shutil.rmtree(dest, ignore_errors=True)
+    (dest / "wheels").mkdir(parents=True)
+    requirements = []
+    for wheel in sorted(wheels):
+        shutil.copyfile(wheel, dest / "wheels" / wheel.name)
+        name, version = wheel.name.split("-")[:2]
+        requirements.append(f"{name}=={version} --hash=sha256:{sha256_file(wheel)}")
+    (dest / "wheels" / "requirements.txt").write_text("\n".join(requirements) + "\n")
+    (dest / "kernels").mkdir()
+    for pattern in KERNEL_SOURCES:
+        for source in sorted((project_dir / "kernels").glob(pattern)):
+            shutil.copyfile(source, dest / "kernels" / source.name)
+    (dest / "flagos").mkdir()
+    manifest = _kernels_manifest(kernels)
+    (dest / "flagos" / "kernels-manifest.json").write_text(manifest)
+    config_name, config_text = render_serve_config(plan, project_dir)
+    (dest / "serve").mkdir()
+    (dest / "serve" / config_name).write_text(config_text)
+    dockerfile = render_dockerfile(plan, base_image, project_dir)
+    (dest / "Dockerfile").write_text(dockerfile)
+    labels = image_labels(plan, hashlib.sha256(manifest.encode()).hexdigest(), project_dir, build_flags)
+    return BuildContext(path=dest, dockerfile=dockerfile, version=plan.short_fingerprint, labels=labels)
+
+
+def _kernels_manifest(kernels: KernelArtifacts) -> str:
+    """What the image carries about its kernels: the consistency table, and the AOT manifest where one was built."""
+    aot = json.loads(Path(kernels.aot_manifest).read_text()) if kernels.aot_manifest else None
+    return json.dumps({"consistency_device": kernels.device,
+                       "consistency": [asdict(row) for row in kernels.consistency],
+                       "aot": aot}, indent=1, sort_keys=True) + "\n"
+
+
+def _git_identity(project_dir: Path) -> tuple[str, str]:
+    """(commit, source URL) of the checkout that built the image; `-dirty` marks uncommitted changes."""
+    def git(*args: str) -> str:
+        result = subprocess.run(["git", "-C", str(project_dir), *args], capture_output=True, text=True)
+        return result.stdout.strip() if result.returncode == 0 else ""
+
+    commit = git("rev-parse", "HEAD") or "unknown"
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return commit + ("-dirty" if dirty else ""), git("config", "--get", "remote.origin.url") or f"file://{project_dir}"

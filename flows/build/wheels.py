@@ -1,0 +1,66 @@
+"""Wheels for the CPU serving image, built or downloaded on the host once and installed in the image offline
+(inside `docker build` the package index is unreachable over TLS; see ../shared/notes/cpu-image.md)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from flows.build.cache import complete_entry, entry_key, publish_entry, staging_entry
+from flows.errors import FlagReleaseError
+
+LLAMA_CPP = "llama-cpp-python==0.3.36"
+# Portable: the default build tunes for the build machine's CPU and dies with SIGILL on others.
+LLAMA_CPP_CMAKE_ARGS = "-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
+# What `python -m llama_cpp.server` imports, pinned; numpy/jinja2/diskcache/typing-extensions are llama-cpp's own.
+SERVER_REQUIREMENTS = (
+    "fastapi==0.150.0", "uvicorn==0.54.0", "sse-starlette==3.7.0", "starlette-context==0.5.1",
+    "pydantic-settings==2.16.3", "pydantic==2.14.4", "numpy==2.4.6", "jinja2==3.1.6", "diskcache==5.6.3",
+    "typing-extensions==4.16.0", "pyyaml==6.0.4",
+)
+TARGET_PYTHON = ("3.11", "cp311")  # Debian bookworm's python3
+
+
+class WheelBuildFailed(FlagReleaseError):
+    pass
+
+
+def llama_cpp_wheel(log: callable = print) -> Path:
+    """The portable llama-cpp-python wheel, built once per machine (~5-8 min on 2 cores)."""
+    recipe = {"requirement": LLAMA_CPP, "cmake_args": LLAMA_CPP_CMAKE_ARGS}
+    key = entry_key("llama-cpp-wheel", recipe)
+    done = complete_entry(key)
+    if done is None:
+        log(f"building {LLAMA_CPP} with CMAKE_ARGS='{LLAMA_CPP_CMAKE_ARGS}' (once per machine, several minutes)")
+        staging = staging_entry(key)
+        env = {**os.environ, "CMAKE_ARGS": LLAMA_CPP_CMAKE_ARGS, "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2)}
+        _pip(["wheel", "--no-deps", "--no-cache-dir", "--no-binary", "llama-cpp-python", "-w", str(staging), LLAMA_CPP],
+             env, "building the llama-cpp-python wheel")
+        done = publish_entry(key, staging, recipe)
+    [wheel] = done.glob("llama_cpp_python-*.whl")
+    return wheel
+
+
+def server_wheelhouse(log: callable = print) -> Path:
+    """Every other wheel the CPU image needs, for the image's Python, downloaded once per requirement set."""
+    recipe = {"requirements": sorted(SERVER_REQUIREMENTS), "python": TARGET_PYTHON[0]}
+    key = entry_key("server-wheelhouse", recipe)
+    done = complete_entry(key)
+    if done is None:
+        log(f"downloading {len(SERVER_REQUIREMENTS)} pinned requirements and their dependencies for Python {TARGET_PYTHON[0]}")
+        staging = staging_entry(key)
+        _pip(["download", "--only-binary=:all:", "--python-version", TARGET_PYTHON[0], "--implementation", "cp",
+              "--platform", "manylinux_2_28_x86_64", "--platform", "manylinux_2_17_x86_64",
+              "--platform", "manylinux2014_x86_64", "--platform", "any", "-d", str(staging), *SERVER_REQUIREMENTS],
+             dict(os.environ), "downloading the server wheelhouse")
+        done = publish_entry(key, staging, recipe)
+    return done
+
+
+def _pip(args: list[str], env: dict[str, str], what: str) -> None:
+    result = subprocess.run([sys.executable, "-m", "pip", "--disable-pip-version-check", *args], env=env,
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        raise WheelBuildFailed(f"{what} failed (pip exit {result.returncode}):\n{(result.stderr or result.stdout)[-3000:]}")
