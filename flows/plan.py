@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from flows.files import tree_hashes, write_atomic
+from flows.files import sha256_file, tree_hashes, write_atomic
 from flows.matrix import ChipProfile, Model, ReleaseMatrix, Schedule, Suite
 from flows.revisions import PinnedRevision, resolve_revision
 from flows.settings import Settings
@@ -85,6 +85,9 @@ def fingerprint_inputs(matrix: ReleaseMatrix, release_name: str, revision: Pinne
         "matrix/suite": _digest(matrix.spec.suites[release.suite].model_dump(mode="json")),
         "model/revision": revision.fingerprint_value,
     }
+    lock = project_dir / "locks" / f"{release.model}.json"
+    if lock.exists():
+        inputs[f"lock/{release.model}.json"] = sha256_file(lock)
     inputs.update(tree_hashes(matrix.chip_dir(release.chip), f"chip/{release.chip}", suffixes=("",)))
     inputs.update(tree_hashes(project_dir / "templates", "template", ARTEFACT_TEMPLATE_SUFFIXES,
                               exclude_dirs=frozenset({REPORT_TEMPLATES_DIR})))

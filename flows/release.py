@@ -15,6 +15,7 @@ from flows.matrix import load_matrix
 from flows.plan import Plan, resolve, write_plan
 from flows.reports import plan_markdown
 from flows.settings import Settings
+from flows.weights.manifest import WeightsManifest, prepare_weights
 
 
 @task(name="resolve", cache_policy=NO_CACHE)
@@ -79,14 +80,37 @@ def build_stage(plan: Plan, kernels: KernelArtifacts, settings: Settings) -> Ima
     return image
 
 
+@task(name="weights", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=[30],
+      retry_condition_fn=lambda task, run, state: not isinstance(state.result(raise_on_failure=False), FlagReleaseError))
+def weights_stage(plan: Plan, settings: Settings) -> WeightsManifest:
+    """Fetch the weights, prove every byte and the structure, and record the verified manifest."""
+    logger = get_run_logger()
+    manifest, hashed = prepare_weights(plan.model_name, plan.model, plan.revision, settings.weights_dir,
+                                       settings.project_dir, settings.reverify, logger.info)
+    logger.info("weights verified: %d files, %.1f MiB, %s parameters (%s active), %s; %.1f MiB hashed this run",
+                len(manifest.files), manifest.total_bytes / 2**20, f"{manifest.total_params:,}",
+                f"{manifest.active_params:,}", manifest.dtype, hashed / 2**20)
+    write_atomic(settings.release_dir(plan.release, plan.fingerprint) / "weights.json",
+                 manifest.model_dump_json(indent=2) + "\n")
+    rows = "\n".join(f"| `{f.path}` | {f.size:,} | `{f.sha256}` |" for f in manifest.files)
+    create_markdown_artifact(key=f"weights-{plan.release}", description=f"Verified weights of {plan.release}", markdown=(
+        f"# Weights: `{plan.model_name}`\n\nSource `{manifest.source}` at `{manifest.revision}`, checked against "
+        f"{manifest.expected_from}. {manifest.total_params:,} parameters ({manifest.active_params:,} active), "
+        f"{manifest.dtype}.\n\n| file | bytes | sha256 |\n|---|---|---|\n{rows}\n"))
+    return manifest
+
+
 @flow(name="release", flow_run_name="{release_name}")
 def release(release_name: str = "smollm2-cpu") -> dict[str, str]:
-    """Release one entry of the matrix. Stages: resolve, kernels, build (more stages join as they are built)."""
+    """Release one entry of the matrix. Stages: resolve, kernels, build, weights (evaluate and publish join as they are
+    built)."""
     settings = Settings()
     plan = resolve_stage(release_name, settings)
     image = find_image(plan, settings)
     if image is None:
         kernels = kernels_stage(plan, settings)
         image = build_stage(plan, kernels, settings)
+    weights = weights_stage(plan, settings)
     return {"release": plan.release, "fingerprint": plan.fingerprint, "image": image.by_digest,
+            "weights": weights.folder,
             "outputs": str(settings.release_dir(plan.release, plan.fingerprint))}

@@ -7,6 +7,8 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from flows.build.cache import cache_root
+
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 
 
@@ -25,6 +27,9 @@ class Settings(BaseSettings):
     registry_host: str = "127.0.0.1"
     registry_port: int = Field(default=5000, ge=1, le=65535)
     docker_host: str = "unix:///var/run/docker.sock"
+    weights_dir: Path = Field(default_factory=lambda: cache_root() / "weights",
+                              description="where downloaded weights live (large: a machine or NFS path, not the clone)")
+    reverify: bool = Field(default=False, description="re-hash weights even when a verified manifest is current")
     registry_override: str | None = Field(default=None, description="host:port that replaces the registry of every "
                                           "release repository (test and staging registries); not part of fingerprints")
 

