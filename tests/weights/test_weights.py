@@ -159,3 +159,23 @@ def test_a_gguf_of_another_architecture_is_refused(smollm2, tmp_path: Path):
                                      "source": model.source.model_copy(update={"hub": "local", "repo": str(local)})})
     with pytest.raises(WeightsInvalid, match="SmolLM2-135M-Instruct.Q4_1.gguf: architecture is 'llama', the matrix declares 'qwen3moe'"):
         prepare_weights("other", wrong, UNPINNED, tmp_path, tmp_path, False, print)
+
+
+def test_not_enough_disk_fails_before_fetching(tmp_path: Path):
+    lock = {"huge.safetensors": {"size": 1 << 60, "sha256": "0" * 64}}
+    (tmp_path / "locks").mkdir()
+    (tmp_path / "locks" / "huge.json").write_text(json.dumps({"files": lock}))
+    folder = tmp_path / "not-yet"
+    with pytest.raises(WeightsSourceError, match=r"the weights need 1073741824.0 GiB in .*not-yet but only .* GiB are free"):
+        prepare_weights("huge", tiny_model(folder), UNPINNED, tmp_path, tmp_path, False, print)
+    assert not folder.exists()
+
+
+def test_progress_lines_carry_rate_and_eta():
+    from flows.weights.progress import periodic_progress
+
+    lines: list[str] = []
+    advance = periodic_progress(100 * 2**20, lines.append, every_s=0)
+    for _ in range(4):
+        advance(25 * 2**20)
+    assert len(lines) == 4 and lines[-1].startswith("hashed 100 of 100 MiB (100%)") and "MiB/s, ETA 0 s" in lines[-1]
