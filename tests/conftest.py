@@ -77,6 +77,6 @@ def project_copy(tmp_path: Path) -> Path:
     root.mkdir()
     for name in ("releases.yaml", "pyproject.toml"):
         shutil.copy(PROJECT_DIR / name, root / name)
-    for name in ("images", "templates", "kernels"):
+    for name in ("images", "templates", "kernels", "locks"):
         shutil.copytree(PROJECT_DIR / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
     return root
