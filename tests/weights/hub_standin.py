@@ -1,0 +1,118 @@
+"""A stand-in for the Hugging Face Hub on loopback, serving one folder as one model repo at one commit.
+
+It answers exactly the endpoints huggingface_hub 2.4 calls for `model_info(files_metadata=True)` and
+`hf_hub_download`, with the shapes of the real API:
+- `GET /api/models/{repo}/revision/{rev}` -> `{"id", "sha", "siblings": [{"rfilename", "size", "blobId",
+  "lfs": {"sha256", "size", "pointerSize"}}]}` (`lfs` only for LFS files: here the *.safetensors);
+- `HEAD /{repo}/resolve/{rev}/{file}` -> 200 with `X-Repo-Commit`, `ETag` (the LFS sha256, or the git blob id) and
+  `Content-Length` (the real hub answers LFS files with a redirect to its CDN; the client follows it to the same
+  headers);
+- `GET /{repo}/resolve/{rev}/{file}` with `Range: bytes=N-` support (206 + `Content-Range`).
+Unknown repo -> 404 `RepositoryNotFound`; unknown revision -> 404 `RevisionNotFound` (the `X-Error-Code` header
+huggingface_hub reads). `drop_after` makes the first GET of a file close the connection midway.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@dataclass
+class HubRepo:
+    repo: str
+    folder: Path
+    drop_after: dict[str, int] = field(default_factory=dict)
+    ranges: list[tuple[str, str]] = field(default_factory=list)
+    bytes_served: int = 0
+
+    def sibling(self, path: Path) -> dict[str, object]:
+        data = path.read_bytes()
+        entry: dict[str, object] = {"rfilename": path.name, "size": len(data),
+                                    "blobId": hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()}
+        if path.suffix == ".safetensors":
+            entry["lfs"] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
+        return entry
+
+
+def serve(hub: HubRepo) -> tuple[ThreadingHTTPServer, str]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def _not_found(self, code: str) -> None:
+            body = json.dumps({"error": code}).encode()
+            self.send_response(404)
+            self.send_header("X-Error-Code", code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def _file(self, head: bool) -> None:
+            match = re.fullmatch(rf"/{re.escape(hub.repo)}/resolve/([^/]+)/(.+)", self.path.split("?")[0])
+            if not match:
+                return self._not_found("RepoNotFound")
+            if match.group(1) not in (COMMIT, "main"):
+                return self._not_found("RevisionNotFound")
+            path = hub.folder / match.group(2)
+            if not path.is_file():
+                return self._not_found("EntryNotFound")
+            data, entry = path.read_bytes(), hub.sibling(path)
+            start = 0
+            requested = self.headers.get("Range")
+            if requested and not head:
+                hub.ranges.append((path.name, requested))
+                start = int(re.fullmatch(r"bytes=(\d+)-", requested).group(1))
+            self.send_response(206 if start else 200)
+            self.send_header("X-Repo-Commit", COMMIT)
+            self.send_header("ETag", f'"{entry["lfs"]["sha256"] if "lfs" in entry else entry["blobId"]}"')
+            self.send_header("Content-Length", str(len(data) - start))
+            self.send_header("Accept-Ranges", "bytes")
+            if start:
+                self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+            self.end_headers()
+            if head:
+                return
+            body = data[start:]
+            cut = hub.drop_after.pop(path.name, None)
+            if cut is not None:  # an interrupted transfer: part of the body, then the connection closes
+                self.wfile.write(body[:cut])
+                hub.bytes_served += cut
+                self.close_connection = True
+                return
+            self.wfile.write(body)
+            hub.bytes_served += len(body)
+
+        def do_HEAD(self) -> None:  # noqa: N802 (http.server API)
+            self._file(head=True)
+
+        def do_GET(self) -> None:  # noqa: N802
+            info = re.fullmatch(rf"/api/models/{re.escape(hub.repo)}/revision/([^/?]+)(\?.*)?", self.path)
+            if self.path.startswith("/api/models/") and not info:
+                return self._not_found("RepoNotFound")
+            if info:
+                if info.group(1) not in (COMMIT, "main"):
+                    return self._not_found("RevisionNotFound")
+                body = json.dumps({"id": hub.repo, "modelId": hub.repo, "sha": COMMIT, "private": False,
+                                   "siblings": [hub.sibling(p) for p in sorted(hub.folder.iterdir()) if p.is_file()]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                return
+            self._file(head=False)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
