@@ -75,19 +75,26 @@ def _modelscope(source: ModelSource, timeout_s: float, _index: str) -> str:
     return commit
 
 
-def _huggingface(source: ModelSource, timeout_s: float, _index: str) -> str:
+def huggingface_model_info(repo: str, revision: str, **kwargs: object) -> object:
+    """`HfApi.model_info` at `HF_ENDPOINT`, with the hub's refusals turned into BadInput naming repo and revision."""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
     try:
-        info = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None).model_info(source.repo, revision=source.revision,
-                                                                          timeout=timeout_s)
+        return HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None).model_info(repo, revision=revision, **kwargs)
     except RevisionNotFoundError:
-        raise BadInput(f"model source huggingface:{source.repo}: unknown revision {source.revision!r}") from None
+        raise BadInput(f"model source huggingface:{repo}: unknown revision {revision!r}") from None
     except GatedRepoError:
-        raise BadInput(f"model source huggingface:{source.repo} is gated: set HF_TOKEN to a token with access") from None
+        raise BadInput(f"model source huggingface:{repo} is gated: set HF_TOKEN to a token with access") from None
     except RepositoryNotFoundError:
-        raise BadInput(f"model source huggingface:{source.repo}: no such repository (or it is private: set HF_TOKEN)") from None
+        raise BadInput(f"model source huggingface:{repo}: no such repository (or it is private: set HF_TOKEN)") from None
+
+
+def _huggingface(source: ModelSource, timeout_s: float, _index: str) -> str:
+    try:
+        info = huggingface_model_info(source.repo, source.revision, timeout=timeout_s)
+    except BadInput:
+        raise
     except Exception as exc:  # transport errors (httpx in huggingface_hub 2.x): the hub did not answer
         raise HubUnreachable(_short(exc)) from None
     if not info.sha:

@@ -62,20 +62,13 @@ HUB_EXPECTATIONS = ".flagrelease-hub.json"
 
 def _fetch_huggingface(model: Model, revision: PinnedRevision, folder: Path, files: list[str] | None,
                        log: Callable[[str], None]) -> None:
-    from huggingface_hub import HfApi, hf_hub_download
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub import hf_hub_download
+
+    from flows.revisions import huggingface_model_info
 
     endpoint = os.environ.get("HF_ENDPOINT") or None
     repo = model.source.repo
-    try:
-        info = HfApi(endpoint=endpoint).model_info(repo, revision=revision.resolved or model.source.revision,
-                                                   files_metadata=True)
-    except RevisionNotFoundError:
-        raise WeightsSourceError(f"huggingface:{repo} has no revision {model.source.revision!r}") from None
-    except GatedRepoError:
-        raise WeightsSourceError(f"huggingface:{repo} is gated: set HF_TOKEN to a token with access") from None
-    except RepositoryNotFoundError:
-        raise WeightsSourceError(f"huggingface:{repo}: no such repository (or it is private: set HF_TOKEN)") from None
+    info = huggingface_model_info(repo, revision.resolved or model.source.revision, files_metadata=True)
     folder.mkdir(parents=True, exist_ok=True)
     expected = {s.rfilename: {"size": s.lfs.size, "sha256": s.lfs.sha256} for s in info.siblings if s.lfs}
     (folder / HUB_EXPECTATIONS).write_text(json.dumps({"commit": info.sha, "files": expected}, indent=1) + "\n")

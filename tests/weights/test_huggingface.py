@@ -12,7 +12,6 @@ import pytest
 from flows.matrix import ModelSource
 from flows.revisions import resolve_revision
 from flows.weights.manifest import prepare_weights
-from flows.weights.sources import WeightsSourceError
 from tests.weights.conftest import tiny_model, write_checkpoint
 from tests.weights.hub_standin import COMMIT, HubRepo, serve
 
@@ -101,7 +100,7 @@ def test_unknown_revision_and_repository_are_named(hub: HubRepo, tmp_path: Path)
     with pytest.raises(BadInput, match="unknown revision 'v9'"):
         resolve_revision(hf_model(tmp_path, "v9").source, offline=False, timeout_s=5, pypi_index="unused")
     other = tiny_model(tmp_path, source=ModelSource(hub="huggingface", repo="nobody/nothing", revision="main"))
-    with pytest.raises(WeightsSourceError, match="huggingface:nobody/nothing: no such repository"):
+    with pytest.raises(BadInput, match="huggingface:nobody/nothing: no such repository"):
         prepare_weights("tiny", other, resolve_revision(other.source, offline=True, timeout_s=1, pypi_index="x"),
                         tmp_path / "weights", tmp_path, False, print)
     shutil.rmtree(tmp_path / "weights", ignore_errors=True)
