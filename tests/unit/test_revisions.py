@@ -90,7 +90,7 @@ def test_offline_mode_contacts_nothing(hub: str):
 
 
 def test_unreachable_modelscope_is_recorded_unpinned_quickly(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv("MODELSCOPE_DOMAIN", "127.0.0.1")  # nothing listens on 127.0.0.1:443
+    monkeypatch.setenv("MODELSCOPE_ENDPOINT", "https://127.0.0.1")  # nothing listens on 127.0.0.1:443
     source = ModelSource(hub="modelscope", repo="Qwen/Qwen3-30B-A3B", revision="master")
     pinned = resolve_revision(source, offline=False, timeout_s=2, pypi_index="unused")
     assert not pinned.pinned

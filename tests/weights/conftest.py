@@ -79,3 +79,13 @@ def tiny_model(folder: Path, **overrides: object) -> Model:
 @pytest.fixture
 def checkpoint(tmp_path: Path) -> Path:
     return write_checkpoint(tmp_path / "weights" / "tiny")
+
+
+def pin_and_fetch(model: Model, root: Path, log=print, reverify: bool = False):
+    """Resolve the model's revision against its (stand-in) hub, then run the weights stage into root/weights."""
+    from flows.revisions import resolve_revision
+    from flows.weights.manifest import prepare_weights
+
+    pinned = resolve_revision(model.source, offline=False, timeout_s=5, pypi_index="unused")
+    manifest, hashed = prepare_weights("tiny", model, pinned, root / "weights", root, reverify, log)
+    return pinned, manifest, hashed

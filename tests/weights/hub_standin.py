@@ -26,12 +26,17 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
 @dataclass
-class HubRepo:
+class StandInRepo:
+    """One folder served as one repo, with what the test needs to see: Range requests and bytes sent."""
+
     repo: str
     folder: Path
     drop_after: dict[str, int] = field(default_factory=dict)
     ranges: list[tuple[str, str]] = field(default_factory=list)
     bytes_served: int = 0
+
+
+class HubRepo(StandInRepo):
 
     def sibling(self, path: Path) -> dict[str, object]:
         data = path.read_bytes()
@@ -40,6 +45,28 @@ class HubRepo:
         if path.suffix == ".safetensors":
             entry["lfs"] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
         return entry
+
+
+def send_body(handler: BaseHTTPRequestHandler, data: bytes, requested_range: str | None, drop_after: int | None,
+              extra_headers: dict[str, str] | None = None, head: bool = False) -> int:
+    """Answer with `data` (206 from `bytes=N-`), or only its headers for HEAD; `drop_after` closes the connection
+    after that many body bytes, as a broken transfer. Returns the body bytes sent."""
+    start = int(re.fullmatch(r"bytes=(\d+)-", requested_range).group(1)) if requested_range else 0
+    handler.send_response(206 if start else 200)
+    for name, value in (extra_headers or {}).items():
+        handler.send_header(name, value)
+    handler.send_header("Content-Length", str(len(data) - start))
+    handler.send_header("Accept-Ranges", "bytes")
+    if start:
+        handler.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+    handler.end_headers()
+    if head:
+        return 0
+    body = data[start:] if drop_after is None else data[start:start + drop_after]
+    handler.wfile.write(body)
+    if drop_after is not None:
+        handler.close_connection = True
+    return len(body)
 
 
 def serve(hub: HubRepo) -> tuple[ThreadingHTTPServer, str]:
@@ -65,30 +92,13 @@ def serve(hub: HubRepo) -> tuple[ThreadingHTTPServer, str]:
             if not path.is_file():
                 return self._not_found("EntryNotFound")
             data, entry = path.read_bytes(), hub.sibling(path)
-            start = 0
-            requested = self.headers.get("Range")
-            if requested and not head:
+            requested = None if head else self.headers.get("Range")
+            if requested:
                 hub.ranges.append((path.name, requested))
-                start = int(re.fullmatch(r"bytes=(\d+)-", requested).group(1))
-            self.send_response(206 if start else 200)
-            self.send_header("X-Repo-Commit", COMMIT)
-            self.send_header("ETag", f'"{entry["lfs"]["sha256"] if "lfs" in entry else entry["blobId"]}"')
-            self.send_header("Content-Length", str(len(data) - start))
-            self.send_header("Accept-Ranges", "bytes")
-            if start:
-                self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-            self.end_headers()
-            if head:
-                return
-            body = data[start:]
-            cut = hub.drop_after.pop(path.name, None)
-            if cut is not None:  # an interrupted transfer: part of the body, then the connection closes
-                self.wfile.write(body[:cut])
-                hub.bytes_served += cut
-                self.close_connection = True
-                return
-            self.wfile.write(body)
-            hub.bytes_served += len(body)
+            extra = {"X-Repo-Commit": COMMIT,
+                     "ETag": f'"{entry["lfs"]["sha256"] if "lfs" in entry else entry["blobId"]}"'}
+            hub.bytes_served += send_body(self, data, requested, None if head else hub.drop_after.pop(path.name, None),
+                                          extra, head)
 
         def do_HEAD(self) -> None:  # noqa: N802 (http.server API)
             self._file(head=True)

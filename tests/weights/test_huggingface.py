@@ -12,7 +12,7 @@ import pytest
 from flows.matrix import ModelSource
 from flows.revisions import resolve_revision
 from flows.weights.manifest import prepare_weights
-from tests.weights.conftest import tiny_model, write_checkpoint
+from tests.weights.conftest import pin_and_fetch, tiny_model, write_checkpoint
 from tests.weights.hub_standin import COMMIT, HubRepo, serve
 
 REPO = "flagos-test/Tiny-Qwen3-MoE"
@@ -54,8 +54,7 @@ def test_an_interrupted_download_resumes_instead_of_restarting(hub: HubRepo, tmp
     size = (hub.folder / SHARD).stat().st_size
     hub.drop_after[SHARD] = size // 2
     model = hf_model(tmp_path)
-    pinned = resolve_revision(model.source, offline=False, timeout_s=5, pypi_index="unused")
-    manifest, _ = prepare_weights("tiny", model, pinned, tmp_path / "weights", tmp_path, False, print)
+    _, manifest, _ = pin_and_fetch(model, tmp_path, print, False)
     kept = (size // 2) // 4096 * 4096  # the whole pieces written before the connection dropped
     assert hub.ranges == [(SHARD, f"bytes={kept}-")]  # the client asked for the rest, not the whole file
     total = sum(p.stat().st_size for p in hub.folder.iterdir())
@@ -65,8 +64,7 @@ def test_an_interrupted_download_resumes_instead_of_restarting(hub: HubRepo, tmp
 
 def test_a_corrupted_file_is_fetched_again_from_the_hub(hub: HubRepo, tmp_path: Path):
     model = hf_model(tmp_path)
-    pinned = resolve_revision(model.source, offline=False, timeout_s=5, pypi_index="unused")
-    first, _ = prepare_weights("tiny", model, pinned, tmp_path / "weights", tmp_path, False, print)
+    pinned, first, _ = pin_and_fetch(model, tmp_path, print, False)
     local = Path(first.folder) / SHARD
     data = bytearray(local.read_bytes())
     data[len(data) // 2] ^= 0x40
