@@ -9,7 +9,6 @@ unless asked (`reverify`).
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,7 +21,7 @@ from flows.matrix import Model
 from flows.revisions import PinnedRevision
 from flows.weights.checkpoint import verify_structure
 from flows.weights.hashing import sha256_files
-from flows.weights.sources import WeightsSourceError, downloaded_digests, fetch, hub_expectations, weights_folder
+from flows.weights.sources import downloaded_digests, ensure_space, fetch, hub_expectations, weights_folder
 
 MANIFEST_NAME = ".flagrelease-weights.json"
 
@@ -76,7 +75,8 @@ def prepare_weights(model_name: str, model: Model, revision: PinnedRevision, wei
     """Return the verified manifest and the bytes hashed for it (0 when a verified manifest was reused)."""
     folder = weights_folder(weights_dir, model_name, model, revision)
     lock = load_lock(project_dir, model_name)
-    check_free_space(folder, lock)
+    if lock:
+        ensure_space(folder, {name: int(entry["size"]) for name, entry in lock.items()})
     fetch(model, revision, folder, None, log)
     expected, expected_from = (lock, f"locks/{model_name}.json") if lock else (hub_expectations(folder), "hub metadata")
     try:
@@ -85,18 +85,6 @@ def prepare_weights(model_name: str, model: Model, revision: PinnedRevision, wei
         log(f"{first}; fetching {', '.join(first.files)} once more from the source")
         fetch(model, revision, folder, sorted(first.files), log)
         return _verify(model_name, model, revision, folder, expected, expected_from, True, log, progress)
-
-
-def check_free_space(folder: Path, lock: dict | None, margin: float = 1.05) -> None:
-    """Fail before downloading when the files the lock lists (and the folder lacks) will not fit."""
-    if not lock:
-        return
-    needed = sum(int(entry["size"]) for name, entry in lock.items() if not (folder / name).exists())
-    existing = next(p for p in (folder, *folder.parents) if p.exists())
-    free = shutil.disk_usage(existing).free
-    if needed * margin > free:
-        raise WeightsSourceError(f"the weights need {needed / 2**30:.1f} GiB in {folder} but only {free / 2**30:.1f} GiB "
-                                 "are free there; free space or set FLAGRELEASE_WEIGHTS_DIR to a larger disk")
 
 
 def _verify(model_name: str, model: Model, revision: PinnedRevision, folder: Path, lock: dict | None,

@@ -35,6 +35,16 @@ class WeightsSourceError(FlagReleaseError):
     pass
 
 
+def ensure_space(folder: Path, sizes: dict[str, int], margin: float = 1.05) -> None:
+    """Fail before downloading when the files `folder` still lacks will not fit on its disk."""
+    needed = sum(size for name, size in sizes.items() if not (folder / name).exists())
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if needed * margin > free:
+        raise WeightsSourceError(f"the weights need {needed / 2**30:.1f} GiB in {folder} but only {free / 2**30:.1f} GiB "
+                                 "are free there; free space or set FLAGRELEASE_WEIGHTS_DIR to a larger disk")
+
+
 def weights_folder(weights_dir: Path, model_name: str, model: Model, revision: PinnedRevision) -> Path:
     if model.source.hub == "local":
         return Path(model.source.repo)
@@ -69,6 +79,7 @@ def _fetch_modelscope(model: Model, revision: PinnedRevision, folder: Path, file
 
     repo, rev = model.source.repo, revision.resolved or model.source.revision
     listing = modelscope.list_files(repo, rev)
+    ensure_space(folder, {f["Path"]: f["Size"] for f in listing})
     folder.mkdir(parents=True, exist_ok=True)
     expected = {f["Path"]: {"size": f["Size"], "sha256": f["Sha256"]} for f in listing if f.get("Sha256")}
     (folder / HUB_EXPECTATIONS).write_text(json.dumps({"commit": rev, "files": expected}, indent=1) + "\n")
@@ -102,6 +113,7 @@ def _fetch_huggingface(model: Model, revision: PinnedRevision, folder: Path, fil
     endpoint = os.environ.get("HF_ENDPOINT") or None
     repo = model.source.repo
     info = huggingface_model_info(repo, revision.resolved or model.source.revision, files_metadata=True)
+    ensure_space(folder, {s.rfilename: s.size or 0 for s in info.siblings})
     folder.mkdir(parents=True, exist_ok=True)
     expected = {s.rfilename: {"size": s.lfs.size, "sha256": s.lfs.sha256} for s in info.siblings if s.lfs}
     (folder / HUB_EXPECTATIONS).write_text(json.dumps({"commit": info.sha, "files": expected}, indent=1) + "\n")

@@ -96,3 +96,19 @@ def test_unknown_revision_and_repository_are_named(modelscope: ModelScopeRepo, t
     with pytest.raises(BadInput, match="modelscope:nobody/nothing: no such repository or revision"):
         prepare_weights("tiny", other, resolve_revision(other.source, offline=True, timeout_s=1, pypi_index="x"),
                         tmp_path / "weights", tmp_path, False, print)
+
+
+def test_a_download_that_will_not_fit_stops_before_the_first_byte(modelscope: ModelScopeRepo, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch):
+    import shutil as real_shutil
+    from collections import namedtuple
+
+    from flows.weights import sources
+    from flows.weights.sources import WeightsSourceError
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(sources.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(WeightsSourceError, match="the weights need .* GiB in .* but only 0.0 GiB are free"):
+        pin_and_fetch(ms_model(tmp_path), tmp_path)
+    monkeypatch.setattr(sources.shutil, "disk_usage", real_shutil.disk_usage)
+    assert modelscope.bytes_served == 0
