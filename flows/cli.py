@@ -137,6 +137,7 @@ def _plan(args: argparse.Namespace, settings: Settings) -> int:
 def _prepare(args: argparse.Namespace, settings: Settings) -> int:
     from flows.build.base import base_tarball
     from flows.build.image import ENGINE_BUILDS
+    from flows.build.wheels import install_server_here
 
     def log(message: str) -> None:
         console.print(f"prepare: {message}", highlight=False)
@@ -146,6 +147,8 @@ def _prepare(args: argparse.Namespace, settings: Settings) -> int:
             log(f"{chip.name} base: {base_tarball(chip.base_debootstrap, log)}")
         wheels = ENGINE_BUILDS[chip.serve.engine].wheels(log)
         log(f"{chip.name} {chip.serve.engine} wheels: {len(wheels)} ready")
+    install_server_here(log)
+    log("llama.cpp's OpenAI server installed in this environment (local reference stacks)")
     return 0
 
 

@@ -64,3 +64,12 @@ def _pip(args: list[str], env: dict[str, str], what: str) -> None:
                             capture_output=True, text=True)
     if result.returncode != 0:
         raise WheelBuildFailed(f"{what} failed (pip exit {result.returncode}):\n{(result.stderr or result.stdout)[-3000:]}")
+
+
+def install_server_here(log: callable = print) -> None:
+    """Install llama.cpp's OpenAI server into this Python environment from the same wheels the cpu image uses,
+    so local reference stacks and the evaluate tests run the very server the image ships."""
+    wheel = llama_cpp_wheel(log)
+    names = [requirement.split("==")[0] for requirement in SERVER_REQUIREMENTS]
+    _pip(["install", "-q", "--no-index", "--find-links", str(wheel.parent), "--find-links", str(server_wheelhouse(log)),
+          LLAMA_CPP, *names], dict(os.environ), "installing llama.cpp's server into this environment")

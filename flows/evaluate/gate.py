@@ -111,3 +111,18 @@ def suite_verdict(gates: list[BenchmarkGate], gated: set[str]) -> Verdict:
     if Verdict.FAIL in verdicts:
         return Verdict.FAIL
     return Verdict.PASS if verdicts and all(v == Verdict.PASS for v in verdicts) else Verdict.INCONCLUSIVE
+
+
+def gate_results(benchmark: str, native: list, flagos: list, margin_pp: float) -> BenchmarkGate:
+    """Gate two stacks' recorded results (flows.evaluate.client.ItemResult); items asked with different prompts
+    are refused, since the comparison would not be paired."""
+    native_by_id, flagos_by_id = {r.id: r for r in native}, {r.id: r for r in flagos}
+    differing = [i for i in native_by_id.keys() & flagos_by_id.keys()
+                 if native_by_id[i].prompt_hash != flagos_by_id[i].prompt_hash]
+    if differing:
+        raise GateError(f"{benchmark}: {len(differing)} item(s) were asked with different prompts on the two stacks "
+                        f"(e.g. {differing[0]}); re-run both with the same suite version")
+    return paired_gate(benchmark, {i: float(r.correct) for i, r in native_by_id.items()},
+                       {i: float(r.correct) for i, r in flagos_by_id.items()}, margin_pp,
+                       native_answers={i: r.parsed for i, r in native_by_id.items()},
+                       flagos_answers={i: r.parsed for i, r in flagos_by_id.items()})
