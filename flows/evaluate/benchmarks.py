@@ -134,7 +134,7 @@ def _gpqa(texts: list[str], definition: BenchmarkDefinition) -> list[Item]:
 
 def _question_answer(texts: list[str], definition: BenchmarkDefinition) -> list[Item]:
     rows = _jsonl(texts)
-    gold = normalize_integer if definition.answer == "integer" else str
+    gold = {"integer": normalize_integer, "number": normalize_number}.get(definition.answer, lambda a: a.strip().upper())
     return [Item(str(r.get("id", f"item-{i}")), f"{r['question']}\n\nGive the final answer at the end.", gold(str(r["answer"])))
             for i, r in enumerate(rows)]
 
