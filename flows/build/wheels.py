@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +28,7 @@ class WheelBuildFailed(FlagReleaseError):
     pass
 
 
-def llama_cpp_wheel(log: callable = print) -> Path:
+def llama_cpp_wheel(log: Callable[[str], None] = print) -> Path:
     """The portable llama-cpp-python wheel, built once per machine (~5-8 min on 2 cores)."""
     recipe = {"requirement": LLAMA_CPP, "cmake_args": LLAMA_CPP_CMAKE_ARGS}
     key = entry_key("llama-cpp-wheel", recipe)
@@ -43,7 +44,7 @@ def llama_cpp_wheel(log: callable = print) -> Path:
     return wheel
 
 
-def server_wheelhouse(log: callable = print) -> Path:
+def server_wheelhouse(log: Callable[[str], None] = print) -> Path:
     """Every other wheel the CPU image needs, for the image's Python, downloaded once per requirement set."""
     recipe = {"requirements": sorted(SERVER_REQUIREMENTS), "python": TARGET_PYTHON[0]}
     key = entry_key("server-wheelhouse", recipe)
@@ -66,7 +67,7 @@ def _pip(args: list[str], env: dict[str, str], what: str) -> None:
         raise WheelBuildFailed(f"{what} failed (pip exit {result.returncode}):\n{(result.stderr or result.stdout)[-3000:]}")
 
 
-def install_server_here(log: callable = print) -> None:
+def install_server_here(log: Callable[[str], None] = print) -> None:
     """Install llama.cpp's OpenAI server into this Python environment from the same wheels the cpu image uses,
     so local reference stacks and the evaluate tests run the very server the image ships."""
     wheel = llama_cpp_wheel(log)
