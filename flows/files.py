@@ -7,6 +7,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from pydantic import BaseModel
+
 
 def write_atomic(path: Path, text: str) -> Path:
     """Write to a temporary file in the same folder, fsync, then rename over `path` (all or nothing)."""
@@ -22,6 +24,11 @@ def write_atomic(path: Path, text: str) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_model(path: Path, model: BaseModel) -> Path:
+    """A pydantic model as indented JSON, written atomically."""
+    return write_atomic(path, model.model_dump_json(indent=2) + "\n")
 
 
 def sha256_file(path: Path) -> str:

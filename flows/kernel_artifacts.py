@@ -17,7 +17,6 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from flows.errors import FlagReleaseError
-from flows.files import write_atomic
 from flows.plan import Plan
 from kernels.report import OpResult, consistency_markdown
 
@@ -107,7 +106,3 @@ def consistency_report(artifacts: KernelArtifacts) -> str:
         lines.append("No AOT targets on this chip's host side (CPU: interpreter; vendor Triton: compiled in the "
                      "chip's builder image by the same `python -m kernels.aot` command).")
     return "\n".join(lines) + "\n"
-
-
-def write_artifacts(artifacts: KernelArtifacts, path: Path) -> Path:
-    return write_atomic(path, artifacts.model_dump_json(indent=2) + "\n")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from flows.files import sha256_file, tree_hashes, write_atomic
+from flows.files import sha256_file, tree_hashes, write_model
 from flows.matrix import ChipProfile, Model, ReleaseMatrix, Schedule, Suite
 from flows.revisions import PinnedRevision, resolve_revision
 from flows.settings import Settings
@@ -115,7 +115,7 @@ def kernel_toolchain(project_dir: Path) -> dict[str, str]:
 
 def write_plan(plan: Plan, release_dir: Path) -> Path:
     """<release dir>/plan.json, written atomically; the same fingerprint overwrites with the same inputs."""
-    return write_atomic(release_dir / "plan.json", plan.model_dump_json(indent=2) + "\n")
+    return write_model(release_dir / "plan.json", plan)
 
 
 def read_plan(path: Path) -> Plan:

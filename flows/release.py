@@ -9,8 +9,8 @@ from prefect.cache_policies import NO_CACHE
 from flows.build.image import ImageRef, build_release_image, existing_image
 from flows.connections import docker_client, registry_for
 from flows.errors import FlagReleaseError
-from flows.files import write_atomic
-from flows.kernel_artifacts import KernelArtifacts, check_and_compile, consistency_report, write_artifacts
+from flows.files import write_model
+from flows.kernel_artifacts import KernelArtifacts, check_and_compile, consistency_report
 from flows.matrix import load_matrix
 from flows.plan import Plan, resolve, write_plan
 from flows.reports import plan_markdown
@@ -40,7 +40,7 @@ def kernels_stage(plan: Plan, settings: Settings) -> KernelArtifacts:
     """Check every kernel against its reference and compile them ahead of time for the chip's targets."""
     logger = get_run_logger()
     artifacts = check_and_compile(plan, settings.state_dir, settings.project_dir)
-    path = write_artifacts(artifacts, settings.release_dir(plan.release, plan.fingerprint) / "kernels.json")
+    path = write_model(settings.release_dir(plan.release, plan.fingerprint) / "kernels.json", artifacts)
     logger.info("%d operator checks passed on %s", len(artifacts.consistency), artifacts.device)
     if artifacts.aot_targets:
         logger.info("AOT cache for %s: %d kernels (%s) in %s", ", ".join(artifacts.aot_targets), artifacts.aot_kernels,
@@ -62,7 +62,7 @@ def find_image(plan: Plan, settings: Settings) -> ImageRef | None:
 
 def record_image(plan: Plan, image: ImageRef, settings: Settings) -> None:
     """image.json beside the plan, and the image artifact for the UI."""
-    write_atomic(settings.release_dir(plan.release, plan.fingerprint) / "image.json", image.model_dump_json(indent=2) + "\n")
+    write_model(settings.release_dir(plan.release, plan.fingerprint) / "image.json", image)
     create_markdown_artifact(key=f"image-{plan.release}", description=f"Image of {plan.release}", markdown=(
         f"# Image: `{plan.release}`\n\n| | |\n|---|---|\n| by digest | `{image.by_digest}` |\n"
         f"| version tag | `{image.by_tag}` |\n| built now | {'yes' if image.built else 'no (fingerprint already pushed)'} |\n"))
@@ -92,8 +92,7 @@ def weights_stage(plan: Plan, settings: Settings) -> WeightsManifest:
     logger.info("weights verified: %d files, %.1f MiB, %s parameters (%s active), %s; %.1f MiB hashed this run",
                 len(manifest.files), manifest.total_bytes / 2**20, f"{manifest.total_params:,}",
                 f"{manifest.active_params:,}", manifest.dtype, hashed / 2**20)
-    write_atomic(settings.release_dir(plan.release, plan.fingerprint) / "weights.json",
-                 manifest.model_dump_json(indent=2) + "\n")
+    write_model(settings.release_dir(plan.release, plan.fingerprint) / "weights.json", manifest)
     rows = "\n".join(f"| `{f.path}` | {f.size:,} | `{f.sha256}` |" for f in manifest.files)
     create_markdown_artifact(key=f"weights-{plan.release}", description=f"Verified weights of {plan.release}", markdown=(
         f"# Weights: `{plan.model_name}`\n\nSource `{manifest.source}` at `{manifest.revision}`, checked against "

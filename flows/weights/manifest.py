@@ -16,7 +16,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from flows.errors import FlagReleaseError
-from flows.files import write_atomic
+from flows.files import write_model
 from flows.matrix import Model
 from flows.revisions import PinnedRevision
 from flows.weights.checkpoint import verify_structure
@@ -98,8 +98,8 @@ def _verify(model_name: str, model: Model, revision: PinnedRevision, folder: Pat
         return previous, 0
     # hashes taken while downloading count when the file has not changed since (reverify ignores them)
     known = {} if reverify else downloaded_digests(folder)
-    digests = {p: str(known[p.name]["sha256"]) for p in paths if p.name in known
-               and known[p.name]["size"] == p.stat().st_size and known[p.name]["mtime_ns"] == p.stat().st_mtime_ns}
+    digests = {p: str(known[p.name]["sha256"]) for p in paths
+               if p.name in known and _same_file(p, known[p.name]["size"], known[p.name]["mtime_ns"])}
     to_hash = [p for p in paths if p not in digests]
     total = sum(p.stat().st_size for p in to_hash)
     log(f"hashing {len(to_hash)} files, {total / 2**20:,.0f} MiB ({len(digests)} hashed while downloading)")
@@ -125,7 +125,7 @@ def _verify(model_name: str, model: Model, revision: PinnedRevision, folder: Pat
         expected_from=expected_from if lock else "nothing to check against: hashes recorded as found",
         files=[FileRecord(path=p.name, size=p.stat().st_size, sha256=digests[p], mtime_ns=p.stat().st_mtime_ns)
                for p in paths])
-    write_atomic(folder / MANIFEST_NAME, manifest.model_dump_json(indent=2) + "\n")
+    write_model(folder / MANIFEST_NAME, manifest)
     return manifest, read
 
 
@@ -139,4 +139,10 @@ def _read_manifest(folder: Path) -> WeightsManifest | None:
 def _unchanged(manifest: WeightsManifest, paths: list[Path]) -> bool:
     recorded = {f.path: f for f in manifest.files}
     return set(recorded) == {p.name for p in paths} and all(
-        recorded[p.name].size == p.stat().st_size and recorded[p.name].mtime_ns == p.stat().st_mtime_ns for p in paths)
+        _same_file(p, recorded[p.name].size, recorded[p.name].mtime_ns) for p in paths)
+
+
+def _same_file(path: Path, size: object, mtime_ns: object) -> bool:
+    """The file still has the size and modification time it had when it was hashed."""
+    status = path.stat()
+    return status.st_size == size and status.st_mtime_ns == mtime_ns
