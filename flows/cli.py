@@ -6,6 +6,7 @@ Exit codes: 0 success; 1 a release or service failed; 2 bad input (unknown relea
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -197,8 +198,13 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     outputs = sorted((settings.releases_dir / args.release).glob("*/plan.json"), key=lambda p: p.stat().st_mtime)
     console.print(f"release/{args.release}: {state}\nflow run   {url}\nPrefect UI {settings.prefect_ui_url}", highlight=False)
     if outputs:
-        console.print(f"outputs    {outputs[-1].parent} ({', '.join(sorted(p.name for p in outputs[-1].parent.iterdir()))})",
-                      highlight=False)
+        folder = outputs[-1].parent
+        record = folder / "release.json"
+        if record.exists():
+            published = json.loads(record.read_text())
+            console.print(f"image      {published['repository']}@{published['image_digest']}\n"
+                          f"card       {folder / 'README.md'}", highlight=False)
+        console.print(f"outputs    {folder} ({', '.join(sorted(p.name for p in folder.iterdir()))})", highlight=False)
     return 0 if run.state is not None and run.state.is_completed() else 1
 
 

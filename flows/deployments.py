@@ -31,6 +31,7 @@ class DeploymentSpec:
     tags: tuple[str, ...]
     work_pool: str
     description: str
+    concurrency_limit: int = 1  # a second run of the same release waits for the first (then finds it published)
 
 
 def deployment_specs(matrix: ReleaseMatrix) -> list[DeploymentSpec]:
@@ -68,7 +69,7 @@ def serve_deployments(matrix: ReleaseMatrix, limit: int | None = None) -> None:
         flows[spec.flow].to_deployment(
             name=spec.name, parameters=spec.parameters, tags=list(spec.tags), description=spec.description,
             schedule=CronSchedule(cron=spec.schedule.cron, timezone=spec.schedule.timezone),
-            paused=not spec.schedule.active,
+            paused=not spec.schedule.active, concurrency_limit=spec.concurrency_limit,
         )
         for spec in deployment_specs(matrix)
     ]
@@ -90,6 +91,7 @@ def render_prefect_yaml(matrix: ReleaseMatrix, prefect_version: str) -> str:
                 "parameters": spec.parameters,
                 "schedules": [{"cron": spec.schedule.cron, "timezone": spec.schedule.timezone, "active": spec.schedule.active}],
                 "work_pool": {"name": spec.work_pool},
+                "concurrency_limit": spec.concurrency_limit,
             }
             for spec in deployment_specs(matrix)
         ],

@@ -106,3 +106,9 @@ def consistency_report(artifacts: KernelArtifacts) -> str:
         lines.append("No AOT targets on this chip's host side (CPU: interpreter; vendor Triton: compiled in the "
                      "chip's builder image by the same `python -m kernels.aot` command).")
     return "\n".join(lines) + "\n"
+
+
+def recorded_operators(release_dir: Path) -> list[OpResult]:
+    """The operator checks recorded for this fingerprint (kernels.json), or none when kernels did not run here."""
+    path = release_dir / "kernels.json"
+    return KernelArtifacts.model_validate_json(path.read_text()).consistency if path.exists() else []

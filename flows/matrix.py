@@ -18,6 +18,7 @@ from croniter import croniter
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
 
 from flows.errors import MatrixError, UnknownRelease
+from flows.runflags import run_options
 from flows.yamlfile import YamlDocument, YamlProblem, read_yaml
 
 Name = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")]
@@ -84,17 +85,29 @@ class Model(Strict):
     parameters: Parameters
     license: License
     served_name: Name
+    base_model: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")] | None = Field(
+        default=None, description="the original model's hub id for the card's base_model (default: source.repo)")
 
 
 class Benchmark(Strict):
     margin_pp: float = Field(gt=0, le=100, description="non-inferiority margin in percentage points")
     repeats: int = Field(default=1, ge=1, le=64)
+    max_repeats: int | None = Field(default=None, ge=1, le=256,
+                                    description="while INCONCLUSIVE, double the repeats up to this cap (sampled benchmarks)")
     limit: int | None = Field(default=None, ge=1, description="evaluate only the first N items")
     gated: bool = True
+
+    @model_validator(mode="after")
+    def _cap_covers_repeats(self) -> "Benchmark":
+        if self.max_repeats is not None and self.max_repeats < self.repeats:
+            raise ValueError(f"max_repeats ({self.max_repeats}) is below repeats ({self.repeats})")
+        return self
 
 
 class Suite(Strict):
     version: int = Field(ge=1)
+    perf_min_ratio: float | None = Field(default=None, gt=0, le=2, description="gate FlagOS/native output tokens/s "
+                                         "at every measured concurrency (the peer uses 0.8); unset: reported only")
     benchmarks: dict[Literal[KNOWN_BENCHMARKS], Benchmark] = Field(min_length=1)  # type: ignore[valid-type]
 
 
@@ -144,6 +157,10 @@ class ServeSpec(Strict):
     engine: Literal["vllm", "llama_cpp"]
     port: int = Field(ge=1, le=65535)
     tensor_parallel_size: int = Field(default=1, ge=1)
+    flagos_env: dict[str, str] = Field(default_factory=lambda: {"USE_FLAGGEMS": "1"},
+                                       description="environment of the FlagOS stack (our kernels on)")
+    native_env: dict[str, str] = Field(default_factory=lambda: {"USE_FLAGGEMS": "0"},
+                                       description="environment of the native stack: the same image, kernels off")
 
 
 class DebootstrapRecipe(Strict):
@@ -175,6 +192,12 @@ class ChipProfile(Strict):
         if (self.base_image is None) == (self.base_debootstrap is None):
             raise ValueError("set exactly one of base_image (a registry reference) or base_debootstrap (a recipe)")
         return self
+
+    @field_validator("docker_run_flags")
+    @classmethod
+    def _runnable_flags(cls, flags: list[str]) -> list[str]:
+        run_options(flags)  # ValueError names the flag and what is allowed
+        return flags
 
 
 @dataclass(frozen=True)

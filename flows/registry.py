@@ -7,6 +7,8 @@ that lacks the Docker v2 type with a schema1 rewrite under another digest. Trans
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from dataclasses import dataclass
 
@@ -64,21 +66,60 @@ class RegistryClient:
         return response.headers["Docker-Content-Digest"]
 
     def image_labels(self, reference: str) -> dict[str, str]:
-        """The config labels of an image manifest (two requests: the manifest, then its config blob)."""
-        manifest = self._request("GET", f"/{self.repository.name}/manifests/{reference}", headers={"Accept": MANIFEST_TYPES})
-        self._raise_for(manifest, f"manifest {self.repository}:{reference}")
-        config_digest = manifest.json()["config"]["digest"]
-        blob = self._request("GET", f"/{self.repository.name}/blobs/{config_digest}")
-        self._raise_for(blob, f"config blob {config_digest}")
-        return blob.json().get("config", {}).get("Labels") or {}
+        """The config labels of an image manifest."""
+        return self.image_config(reference).get("config", {}).get("Labels") or {}
 
-    def _request(self, method: str, path: str, headers: dict[str, str] | None = None) -> requests.Response:
-        url = f"{self.repository.base_url}{path}"
+    def image_config(self, reference: str) -> dict:
+        """The image's config blob (labels, `docker_version`, os): two requests, the manifest then the blob."""
+        body, _, _ = self.manifest(reference)
+        blob = self._request("GET", f"/{self.repository.name}/blobs/{json.loads(body)['config']['digest']}")
+        self._raise_for(blob, f"config blob of {reference}")
+        return blob.json()
+
+    def manifest(self, reference: str) -> tuple[bytes, str, str]:
+        """(bytes exactly as stored, media type, digest) of a manifest or index."""
+        response = self._request("GET", f"/{self.repository.name}/manifests/{reference}", headers={"Accept": MANIFEST_TYPES})
+        self._raise_for(response, f"manifest {self.repository}:{reference}")
+        return response.content, response.headers["Content-Type"], response.headers["Docker-Content-Digest"]
+
+    def put_manifest(self, reference: str, body: bytes, media_type: str) -> str:
+        """Store a manifest under a tag or its digest; returns the digest the registry computed."""
+        response = self._request("PUT", f"/{self.repository.name}/manifests/{reference}",
+                                 headers={"Content-Type": media_type}, data=body)
+        self._raise_for(response, f"manifest upload {self.repository}:{reference}")
+        return response.headers["Docker-Content-Digest"]
+
+    def blob(self, digest: str) -> bytes:
+        response = self._request("GET", f"/{self.repository.name}/blobs/{digest}")
+        self._raise_for(response, f"blob {digest}")
+        if "sha256:" + hashlib.sha256(response.content).hexdigest() != digest:
+            raise RegistryError(f"registry {self.repository.host} returned blob {digest} with other content")
+        return response.content
+
+    def push_blob(self, data: bytes, media_type: str) -> dict:
+        """Upload a blob (skipped when the registry has it) and return its OCI descriptor."""
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        descriptor = {"mediaType": media_type, "digest": digest, "size": len(data)}
+        head = self._request("HEAD", f"/{self.repository.name}/blobs/{digest}")
+        if head.status_code == 200:
+            return descriptor
+        started = self._request("POST", f"/{self.repository.name}/blobs/uploads/")
+        self._raise_for(started, f"blob upload to {self.repository}")
+        location = started.headers["Location"]
+        url = location if location.startswith("http") else f"{self.repository.base_url[:-3]}{location}"
+        finished = self._request("PUT", "", url=f"{url}{'&' if '?' in url else '?'}digest={digest}", data=data,
+                                 headers={"Content-Type": "application/octet-stream"})
+        self._raise_for(finished, f"blob {digest}")
+        return descriptor
+
+    def _request(self, method: str, path: str, headers: dict[str, str] | None = None, data: bytes | None = None,
+                 url: str | None = None) -> requests.Response:
+        url = url or f"{self.repository.base_url}{path}"
         last_error = ""
         for attempt, delay in enumerate((0.0, *RETRY_DELAYS_S)):
             time.sleep(delay)
             try:
-                response = requests.request(method, url, headers=headers, auth=self.auth, timeout=self.timeout_s)
+                response = requests.request(method, url, headers=headers, data=data, auth=self.auth, timeout=self.timeout_s)
             except requests.ConnectionError as exc:
                 last_error = f"cannot connect ({type(exc).__name__})"
                 continue

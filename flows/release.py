@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.build.image import ImageRef, build_release_image, existing_image
+from flows.build.image import ImageRef, build_release_image, ensure_local_image, existing_image
 from flows.connections import docker_client, registry_for
 from flows.errors import FlagReleaseError
+from flows.evaluate.stage import Evaluation, EvaluationFailed, EvaluationReport, evaluate, image_sources, write_report
+from flows.evaluate.store import ResultStore
 from flows.files import write_model
-from flows.kernel_artifacts import KernelArtifacts, check_and_compile, consistency_report
+from flows.kernel_artifacts import KernelArtifacts, check_and_compile, consistency_report, recorded_operators
 from flows.matrix import load_matrix
 from flows.plan import Plan, resolve, write_plan
-from flows.reports import plan_markdown
+from flows.publish.release import ReleaseRecord
+from flows.publish.stage import publish
+from flows.reports import evaluation_markdown, evaluation_table, plan_markdown
 from flows.settings import Settings
 from flows.weights.manifest import WeightsManifest, prepare_weights
 from flows.weights.progress import periodic_progress
@@ -101,10 +107,54 @@ def weights_stage(plan: Plan, settings: Settings) -> WeightsManifest:
     return manifest
 
 
+@task(name="evaluate", cache_policy=NO_CACHE)
+def evaluate_stage(plan: Plan, image: ImageRef, weights: WeightsManifest, settings: Settings) -> EvaluationReport:
+    """Serve the FlagOS stack and the reference, gate every benchmark item by item; fail unless every gated one passed."""
+    logger = get_run_logger()
+    outputs = settings.release_dir(plan.release, plan.fingerprint)
+    candidate, reference = image_sources(plan, image.by_digest, Path(weights.folder), settings.candidate_url,
+                                         settings.reference_url)
+    needs_engine = candidate.serve is not None or (reference is not None and reference.serve is not None)
+    client = None
+    if needs_engine:
+        client = docker_client(settings)
+        ensure_local_image(client, image, registry_for(plan)[1], logger.info)
+    evaluation = Evaluation(plan=plan, benchmarks_file=settings.project_dir / "benchmarks.yaml",
+                            store=ResultStore(settings.state_dir / "evaluations"), candidate=candidate,
+                            reference=reference, operators=recorded_operators(outputs),
+                            concurrency=settings.eval_concurrency)
+    report = evaluate(evaluation, client, logger.info, settings.serve_timeout_s)
+    path = write_report(report, outputs)
+    create_table_artifact(key=f"evaluation-{plan.release}", table=evaluation_table(report),
+                          description=f"Consistency of {plan.release}: {report.verdict.value} ({path})")
+    create_markdown_artifact(key=f"evaluation-report-{plan.release}", markdown=evaluation_markdown(report),
+                             description=f"Consistency report of {plan.release}")
+    if not report.passed:
+        raise EvaluationFailed(f"{plan.release} is not published: {report.failure_reason()} (report: {path})")
+    logger.info("every gated benchmark passed; report written to %s", path)
+    return report
+
+
+@task(name="publish", cache_policy=NO_CACHE)
+def publish_stage(plan: Plan, image: ImageRef, weights: WeightsManifest, evaluation: EvaluationReport,
+                  settings: Settings) -> ReleaseRecord:
+    """Attach the card, report and kernels manifest to the image digest, push hub cards, move `latest` last."""
+    logger = get_run_logger()
+    outputs = settings.release_dir(plan.release, plan.fingerprint)
+    record, hubs, card_path = publish(plan, load_matrix(settings.matrix, settings.images_dir), image, weights,
+                                      evaluation, registry_for(plan)[0], outputs, settings.project_dir,
+                                      settings.hub_org, logger.info)
+    for hub in hubs:
+        (logger.info if hub.published else logger.warning)("%s %s: %s", hub.hub, hub.repo, hub.detail)
+    create_markdown_artifact(key=f"card-{plan.release}", markdown=card_path.read_text(),
+                             description=f"Model card of {plan.release} ({card_path})")
+    logger.info("published %s as %s:latest; card %s", image.by_digest, image.repository, card_path)
+    return record
+
+
 @flow(name="release", flow_run_name="{release_name}")
 def release(release_name: str = "smollm2-cpu") -> dict[str, str]:
-    """Release one entry of the matrix. Stages: resolve, kernels, build, weights (evaluate and publish join as they are
-    built)."""
+    """Release one entry of the matrix. Stages: resolve, kernels, build, weights, evaluate, publish."""
     settings = Settings()
     plan = resolve_stage(release_name, settings)
     image = find_image(plan, settings)
@@ -112,6 +162,9 @@ def release(release_name: str = "smollm2-cpu") -> dict[str, str]:
         kernels = kernels_stage(plan, settings)
         image = build_stage(plan, kernels, settings)
     weights = weights_stage(plan, settings)
+    evaluation = evaluate_stage(plan, image, weights, settings)
+    publish_stage(plan, image, weights, evaluation, settings)
+    outputs = settings.release_dir(plan.release, plan.fingerprint)
     return {"release": plan.release, "fingerprint": plan.fingerprint, "image": image.by_digest,
-            "weights": weights.folder,
-            "outputs": str(settings.release_dir(plan.release, plan.fingerprint))}
+            "weights": weights.folder, "evaluation": evaluation.verdict.value, "card": str(outputs / "README.md"),
+            "outputs": str(outputs)}

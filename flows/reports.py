@@ -6,7 +6,9 @@ from pathlib import Path
 
 import jinja2
 
+from flows.evaluate.stage import EvaluationReport
 from flows.plan import Plan
+from kernels.report import consistency_markdown
 from flows.settings import PROJECT_DIR
 
 _ENV = jinja2.Environment(
@@ -19,3 +21,23 @@ _ENV = jinja2.Environment(
 
 def plan_markdown(plan: Plan, plan_path: Path) -> str:
     return _ENV.get_template("plan.md.j2").render(plan=plan, plan_path=plan_path)
+
+
+def evaluation_markdown(report: EvaluationReport) -> str:
+    return _ENV.get_template("evaluation.md.j2").render(report=report, operators_table=consistency_markdown(report.operators))
+
+
+def evaluation_table(report: EvaluationReport) -> list[dict[str, str]]:
+    """The Prefect table artifact: one row per benchmark."""
+    rows = []
+    for outcome in report.outcomes:
+        gate = outcome.gate
+        rows.append({
+            "benchmark": outcome.benchmark,
+            "native": f"{gate.native_accuracy:.3f}" if gate else "n/a",
+            "FlagOS": f"{gate.flagos_accuracy:.3f}" if gate else "n/a",
+            "delta (pp)": f"{-gate.drop * 100:+.2f}" if gate else "n/a",
+            "95% CI of drop (pp)": f"[{gate.ci_low * 100:+.2f}, {gate.ci_high * 100:+.2f}]" if gate else "n/a",
+            "verdict": outcome.verdict.value + ("" if outcome.gated else " (not gated)"),
+        })
+    return rows

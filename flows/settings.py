@@ -30,6 +30,12 @@ class Settings(BaseSettings):
     weights_dir: Path = Field(default_factory=lambda: cache_root() / "weights",
                               description="where downloaded weights live (large: a machine or NFS path, not the clone)")
     reverify: bool = Field(default=False, description="re-hash weights even when a verified manifest is current")
+    candidate_url: str | None = Field(default=None, description="an already-running FlagOS endpoint (OpenAI base URL "
+                                      "ending in /v1) to evaluate instead of starting the image here (chip hosts)")
+    reference_url: str | None = Field(default=None, description="an already-running native endpoint to compare with")
+    eval_concurrency: int = Field(default=4, ge=1, le=256)
+    serve_timeout_s: float = Field(default=300.0, gt=0, description="how long a served stack may take to answer /v1/models")
+    hub_org: str = Field(default="FlagRelease", description="organisation of the hub repos the cards are pushed to")
     registry_override: str | None = Field(default=None, description="host:port that replaces the registry of every "
                                           "release repository (test and staging registries); not part of fingerprints")
 

@@ -38,6 +38,10 @@ class PushFailed(FlagReleaseError):
     pass
 
 
+class ImageUnavailable(FlagReleaseError):
+    pass
+
+
 class ImageRef(BaseModel):
     """The release image as the registry holds it."""
 
@@ -157,3 +161,18 @@ def push(client: docker.DockerClient, repository: str, version: str, auth: dict[
     if digest is None:
         raise PushFailed(f"push of {repository}:{version} ended without a digest")
     return digest
+
+
+def ensure_local_image(client: docker.DockerClient, image: ImageRef, auth: dict[str, str] | None,
+                       log: Callable[[str], None]) -> None:
+    """The engine must hold the image by digest to run it; pull it when this machine did not build it."""
+    try:
+        client.images.get(image.by_digest)
+        return
+    except docker.errors.ImageNotFound:
+        pass
+    log(f"pulling {image.by_digest}")
+    try:
+        client.images.pull(image.repository, tag=image.digest, auth_config=auth)
+    except docker.errors.APIError as exc:
+        raise ImageUnavailable(f"cannot pull {image.by_digest} to evaluate it: {exc.explanation or exc}") from None

@@ -55,6 +55,13 @@ class BenchmarkDefinition(BaseModel):
     format: Literal["mmlu", "gpqa", "question_answer", "gsm8k", "arithmetic"]
     answer: Literal["letter", "integer", "number"]
     max_tokens: int = Field(ge=1)
+    temperature: float = Field(default=0.0, ge=0, le=2, description="0: greedy; above 0 only with repeats")
+    top_p: float = Field(default=1.0, gt=0, le=1)
+
+    @property
+    def generation(self) -> dict[str, float | int]:
+        """Everything that shapes an answer besides the prompt: part of every stored result's key."""
+        return {"max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p}
 
 
 class BenchmarkFile(BaseModel):
@@ -150,7 +157,7 @@ def _arithmetic(texts: list[str], definition: BenchmarkDefinition) -> list[Item]
     items = []
     for i in range(spec.count):
         x, y = rng.randint(spec.low, spec.high), rng.randint(spec.low, spec.high)
-        items.append(Item(f"arithmetic-{i}", f"What is {x} plus {y}?", str(x + y)))
+        items.append(Item(f"arithmetic-{i}", f"What is {x} plus {y}? Answer with just the number.", str(x + y)))
     return items
 
 

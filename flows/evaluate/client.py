@@ -2,7 +2,7 @@
 
 The `openai` async client with bounded concurrency; its own retries (with backoff) cover 5xx and timeouts; a
 request that still fails, or an answer that cannot be read, is scored wrong and recorded, never raised. Generation
-is fixed per benchmark (temperature 0, a fixed seed), so both stacks get identical requests.
+is fixed per benchmark; repeat k of an item is asked with seed SEED + k, so both stacks get identical requests.
 """
 
 from __future__ import annotations
@@ -10,12 +10,13 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import openai
 from pydantic import BaseModel, ConfigDict
 
-from flows.evaluate.benchmarks import Item, extract
+from flows.evaluate.benchmarks import BenchmarkDefinition, Item, extract
 from flows.files import write_atomic
 
 SEED = 1234
@@ -25,6 +26,7 @@ class ItemResult(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     id: str
+    repeat: int = 0
     prompt_hash: str
     response: str
     parsed: str
@@ -35,40 +37,41 @@ class ItemResult(BaseModel):
     error: str | None = None
 
 
-async def _ask_all(base_url: str, model: str, items: list[Item], answer_kind: str, max_tokens: int,
-                   concurrency: int, retries: int, timeout_s: float) -> list[ItemResult]:
+async def _ask_all(base_url: str, model: str, items: list[Item], definition: BenchmarkDefinition,
+                   repeats: Sequence[int], concurrency: int, retries: int, timeout_s: float) -> list[ItemResult]:
     client = openai.AsyncOpenAI(base_url=base_url, api_key="EMPTY", max_retries=retries, timeout=timeout_s)
     gate = asyncio.Semaphore(concurrency)
 
-    async def ask(item: Item) -> ItemResult:
+    async def ask(item: Item, repeat: int) -> ItemResult:
         async with gate:
             started = time.perf_counter()
             try:
                 reply = await client.chat.completions.create(
-                    model=model, messages=[{"role": "user", "content": item.prompt}], temperature=0.0,
-                    max_tokens=max_tokens, seed=SEED)
+                    model=model, messages=[{"role": "user", "content": item.prompt}], seed=SEED + repeat,
+                    temperature=definition.temperature, top_p=definition.top_p, max_tokens=definition.max_tokens)
             except openai.OpenAIError as exc:
-                return ItemResult(id=item.id, prompt_hash=item.prompt_hash, response="", parsed="", correct=False,
-                                  latency_s=time.perf_counter() - started, completion_tokens=0, finish_reason="error",
-                                  error=f"{type(exc).__name__}: {str(exc)[:200]}")
+                return ItemResult(id=item.id, repeat=repeat, prompt_hash=item.prompt_hash, response="", parsed="",
+                                  correct=False, latency_s=time.perf_counter() - started, completion_tokens=0,
+                                  finish_reason="error", error=f"{type(exc).__name__}: {str(exc)[:200]}")
             choice = reply.choices[0]
             text = choice.message.content or ""
-            parsed = extract(answer_kind, text)
-            return ItemResult(id=item.id, prompt_hash=item.prompt_hash, response=text, parsed=parsed,
+            parsed = extract(definition.answer, text)
+            return ItemResult(id=item.id, repeat=repeat, prompt_hash=item.prompt_hash, response=text, parsed=parsed,
                               correct=parsed != "" and parsed == item.gold, latency_s=time.perf_counter() - started,
                               completion_tokens=reply.usage.completion_tokens if reply.usage else 0,
                               finish_reason=choice.finish_reason or "")
 
     try:
-        return list(await asyncio.gather(*(ask(item) for item in items)))
+        return list(await asyncio.gather(*(ask(item, repeat) for repeat in repeats for item in items)))
     finally:
         await client.close()
 
 
-def ask_stack(base_url: str, model: str, items: list[Item], answer_kind: str, max_tokens: int, concurrency: int = 4,
-              retries: int = 3, timeout_s: float = 300.0) -> list[ItemResult]:
-    """One result per item, in item order."""
-    return asyncio.run(_ask_all(base_url, model, items, answer_kind, max_tokens, concurrency, retries, timeout_s))
+def ask_stack(base_url: str, model: str, items: list[Item], definition: BenchmarkDefinition,
+              repeats: Sequence[int] = (0,), concurrency: int = 4, retries: int = 3,
+              timeout_s: float = 300.0) -> list[ItemResult]:
+    """One result per item and repeat, repeat by repeat in item order."""
+    return asyncio.run(_ask_all(base_url, model, items, definition, repeats, concurrency, retries, timeout_s))
 
 
 def write_results(results: list[ItemResult], path: Path) -> Path:

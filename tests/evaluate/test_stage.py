@@ -1,0 +1,111 @@
+"""The evaluate stage over real llama.cpp servers given as endpoint URLs (the chip-host path): the suite gated,
+the report rendered, results stored and reused, missing data and a missing reference never passing, and a sampled
+benchmark asked again with more repeats while it is inconclusive."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from flows.evaluate.gate import Verdict
+from flows.evaluate.stage import Evaluation, evaluate, image_sources
+from flows.evaluate.store import ResultStore
+from flows.matrix import Benchmark, Suite, load_matrix
+from flows.plan import Plan, resolve
+from flows.reports import evaluation_markdown, evaluation_table
+from flows.settings import Settings
+from kernels.report import OpResult
+from tests.conftest import PROJECT_DIR, free_port
+from tests.evaluate.conftest import llama_server, requantized
+
+OPERATORS = [OpResult("rms_norm", "bfloat16", "4096x2048", 0.0078, 0.0039, 0.016, 0.016, True)]
+
+
+def plan_with(suite: dict[str, Benchmark], reference: str = "native") -> Plan:
+    plan = resolve(load_matrix(PROJECT_DIR / "releases.yaml"), "smollm2-cpu", Settings(offline=True))
+    return plan.model_copy(update={"suite": Suite(version=1, benchmarks=suite), "reference": reference})
+
+
+def run(plan: Plan, store: Path, candidate: str, reference: str | None, lines: list[str],
+        benchmarks_file: Path = PROJECT_DIR / "benchmarks.yaml"):
+    candidate_source, reference_source = image_sources(plan, "unused", Path("/nonexistent"), candidate, reference)
+    evaluation = Evaluation(plan=plan, benchmarks_file=benchmarks_file, store=ResultStore(store),
+                            candidate=candidate_source, reference=reference_source, operators=OPERATORS,
+                            perf_concurrencies=(1, 2))
+    return evaluate(evaluation, None, lines.append)
+
+
+@pytest.fixture(scope="module")
+def two_stacks(smollm2_gguf: Path):
+    with llama_server(smollm2_gguf, alias="smollm2-135m-flagos") as native, \
+            llama_server(smollm2_gguf, alias="smollm2-135m-flagos") as candidate:
+        yield native, candidate
+
+
+def test_the_same_stack_passes_renders_and_is_reused_without_asking_again(two_stacks, tmp_path: Path):
+    native, candidate = two_stacks
+    plan = plan_with({"arithmetic": Benchmark(margin_pp=3.0, limit=30), "mmlu": Benchmark(margin_pp=3.0, limit=8, gated=False)})
+    lines: list[str] = []
+    report = run(plan, tmp_path, candidate, native, lines)
+    assert report.verdict == Verdict.PASS and report.passed
+    arithmetic, mmlu = report.outcomes
+    assert arithmetic.gate.items == 30 and arithmetic.gate.drop == 0 and arithmetic.gate.agreement == 1.0
+    assert mmlu.gated is False and mmlu.gate.items == 8
+    assert {p.stack for p in report.perf} == {"native", "flagos"}
+    assert all(p.output_tokens_per_s > 0 and p.errors == 0 for s in report.perf for p in s.points)
+    markdown = evaluation_markdown(report)
+    assert "**PASS**" in markdown and "| arithmetic | 30 x 1 |" in markdown and "| rms_norm | bfloat16 |" in markdown
+    assert [row["benchmark"] for row in evaluation_table(report)] == ["arithmetic", "mmlu"]
+    assert evaluation_table(report)[1]["verdict"].endswith("(not gated)")
+    assert any("asking the flagos stack 30 items x 1 repeat(s)" in line for line in lines)
+
+    # same URLs, nothing listening any more: every answer and perf point must come from the store
+    dead = f"http://127.0.0.1:{free_port()}/v1"
+    again: list[str] = []
+    store_only = run(plan, tmp_path, candidate, native, again)
+    assert store_only.model_dump(exclude={"perf"}) == report.model_dump(exclude={"perf"})
+    assert store_only.perf == report.perf
+    assert not any("asking" in line for line in again)
+    moved = run(plan, tmp_path, dead, native, [])  # another endpoint is another stack: asked again, all errors
+    assert moved.outcomes[0].gate.flagos_accuracy == 0 and moved.verdict == Verdict.FAIL
+
+
+def test_missing_data_and_a_missing_reference_never_pass(two_stacks, tmp_path: Path):
+    native, candidate = two_stacks
+    plan = plan_with({"musr": Benchmark(margin_pp=3.0), "arithmetic": Benchmark(margin_pp=3.0, limit=5)},
+                     reference="qwen3-nvidia")
+    lines: list[str] = []
+    report = run(plan, tmp_path, candidate, None, lines)
+    assert report.verdict == Verdict.INCONCLUSIVE and not report.passed
+    musr, arithmetic = report.outcomes
+    assert "musr: data not available" in musr.unavailable
+    assert "no stored native results of smollm2-135m-instruct from release 'qwen3-nvidia'" in arithmetic.unavailable
+    reason = report.failure_reason()
+    assert "musr: INCONCLUSIVE (musr: data not available" in reason and "arithmetic: INCONCLUSIVE" in reason
+    assert [s.stack for s in report.perf] == ["flagos"]
+    assert "data not available" in evaluation_markdown(report)
+
+
+def test_a_sampled_inconclusive_benchmark_is_asked_again_with_more_repeats(smollm2_gguf: Path, tmp_path: Path):
+    """Q4_1 as the candidate against its Q8_0 requantisation as the reference, sampled at temperature 1 on 12 items
+    with a 5 pp margin: one sample per item cannot exclude the margin (measured: drop +8.3 pp, bounds [0, +25]), so
+    the stage doubles the repeats (seed 1234 + k on both sides) up to the cap."""
+    definitions = (PROJECT_DIR / "benchmarks.yaml").read_text().replace(
+        "    max_tokens: 12", "    max_tokens: 12\n    temperature: 1.0")
+    benchmarks_file = tmp_path / "benchmarks.yaml"
+    benchmarks_file.write_text(definitions)
+    plan = plan_with({"arithmetic": Benchmark(margin_pp=5.0, limit=12, repeats=1, max_repeats=4)})
+    lines: list[str] = []
+    with llama_server(smollm2_gguf, alias="smollm2-135m-flagos") as q4_1, \
+            llama_server(requantized(smollm2_gguf, "Q8_0"), alias="smollm2-135m-flagos") as q8_0:
+        report = run(plan, tmp_path / "store", q4_1, q8_0, lines, benchmarks_file)
+    [outcome] = report.outcomes
+    assert any("INCONCLUSIVE, asking again with 2 repeats (cap 4)" in line for line in lines), lines
+    assert outcome.repeats == 4 or outcome.gate.verdict != Verdict.INCONCLUSIVE
+    if outcome.gate.verdict == Verdict.INCONCLUSIVE:
+        assert outcome.note == "still INCONCLUSIVE at the repeat cap (4)" and report.verdict != Verdict.PASS
+    stored = [json.loads(line) for path in (tmp_path / "store").rglob("*.jsonl") for line in path.read_text().splitlines()]
+    assert {row["repeat"] for row in stored} == set(range(outcome.repeats))
+    assert len(stored) == 2 * 12 * outcome.repeats  # both stacks, every item, every repeat, asked once

