@@ -1,4 +1,4 @@
-"""Test tiers: `unit` (no services), `services` (real engine/registry/Prefect started by the tests), `e2e`.
+"""Test tiers: `unit` (no services), `services` (real engine/registry/Prefect started by the tests), `e2e`, `faults`.
 
 Everything a test starts runs on free loopback ports with throwaway state, so a developer's running services and
 the tests never meet. Prefect is isolated before anything imports it.
@@ -33,7 +33,7 @@ from flows.settings import Settings  # noqa: E402  (after the Prefect environmen
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 TIER_BY_FOLDER = {"unit": "unit", "kernels": "unit", "weights": "unit", "evaluate": "services", "services": "services",
-                  "e2e": "e2e"}
+                  "e2e": "e2e", "faults": "faults"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

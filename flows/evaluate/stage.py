@@ -37,6 +37,10 @@ class EvaluationFailed(FlagReleaseError):
     pass
 
 
+class StackFailed(FlagReleaseError):
+    """Requests still failing after the client's retries: a broken or flaky stack, never a score."""
+
+
 class BenchmarkOutcome(BaseModel):
     """One benchmark of the suite: its gate, or why it could not be evaluated (which is never a PASS)."""
 
@@ -153,7 +157,8 @@ def image_sources(plan: Plan, image: str, weights: Path, candidate_url: str | No
             return StackSource(Stack(role=role, release=plan.release, served_by=url), url=url)
         request = ServeRequest(image=image, name=f"{name}-{role}", weights=weights, port=serve.port,
                                flags=plan.chip.docker_run_flags, environment=environment)
-        return StackSource(Stack(role=role, release=plan.release, served_by=stack_description(image, environment)),
+        content = image.rpartition("@")[2]  # the digest: the same image behind another registry is the same stack
+        return StackSource(Stack(role=role, release=plan.release, served_by=stack_description(content, environment)),
                            serve=request)
 
     candidate = side("flagos", serve.flagos_env, candidate_url)
@@ -214,11 +219,11 @@ def _evaluate_one(evaluation: Evaluation, stacks: Stacks, name: str, benchmark: 
     while True:
         try:
             reference = _reference_results(evaluation, stacks, key, items, definition, repeats, log)
-        except ReferenceUnavailable as exc:
+            candidate = _results(evaluation, stacks, evaluation.candidate, key, items, definition, repeats, log)
+        except (ReferenceUnavailable, StackFailed) as exc:
             log(str(exc))
             return BenchmarkOutcome(benchmark=name, gated=benchmark.gated, repeats=repeats, gate=None,
                                     unavailable=str(exc))
-        candidate = _results(evaluation, stacks, evaluation.candidate, key, items, definition, repeats, log)
         gate = gate_results(name, reference, candidate, benchmark.margin_pp)
         log(f"{name}: native {gate.native_accuracy:.3f}, FlagOS {gate.flagos_accuracy:.3f}, drop {gate.drop * 100:+.2f} pp "
             f"[{gate.ci_low * 100:+.2f}, {gate.ci_high * 100:+.2f}] vs margin {benchmark.margin_pp} pp -> "
@@ -260,8 +265,9 @@ def _results(evaluation: Evaluation, stacks: Stacks, source: StackSource, key: R
                           concurrency=evaluation.concurrency)
         errors = [r for r in asked if r.error]
         if errors:
-            log(f"{key.benchmark}: {len(errors)} request(s) to the {source.stack.role} stack failed and count as wrong "
-                f"(first: {errors[0].error})")
+            raise StackFailed(f"{key.benchmark}: {len(errors)} of {len(asked)} request(s) to the {source.stack.role} "
+                              f"stack failed after retries (first: {errors[0].error}); its answers are not stored "
+                              "and the benchmark cannot be gated")
         stored = stored + asked
         evaluation.store.save(key, source.stack, stored)
     else:

@@ -1,0 +1,200 @@
+"""The fault suite's bench: real Docker Engine and registries, the `release` flow run in this process (Prefect's
+ephemeral API), a project copy with a small cpu suite, private weights, loopback proxies that inject faults, and
+the table every case adds a row to (printed at the end of the session; `bash scripts/faults.sh` runs it alone)."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import shutil
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+from flows.build.cache import cache_root
+from flows.registry import MANIFEST_TYPES
+from flows.services import Services
+from flows.settings import Settings
+from tests.conftest import PROJECT_DIR, free_port
+from tests.evaluate.conftest import smollm2_gguf  # noqa: F401  (the fixture, shared with the evaluate tests)
+
+RELEASE = "smollm2-cpu"
+REPOSITORY = "flagrelease/smollm2-135m-cpu"
+ROWS: list[tuple[str, str, str, str]] = []
+SMALL_SUITE = """  cpu-smoke:
+    version: 1
+    benchmarks:
+      arithmetic: {margin_pp: 3.0, limit: 40}
+"""
+
+
+def record(fault: str, expected: str, observed: str, nothing_lost: str) -> None:
+    ROWS.append((fault, expected, observed, nothing_lost))
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if not ROWS:
+        return
+    widths = [max(len(row[i]) for row in [("fault", "expected", "observed", "nothing lost"), *ROWS]) for i in range(4)]
+    line = lambda row: " | ".join(cell.ljust(width) for cell, width in zip(row, widths))  # noqa: E731
+    terminalreporter.write_sep("=", "fault suite")
+    terminalreporter.write_line(line(("fault", "expected", "observed", "nothing lost")))
+    terminalreporter.write_line("-+-".join("-" * w for w in widths))
+    for row in ROWS:
+        terminalreporter.write_line(line(row))
+
+
+class Proxy:
+    """A loopback HTTP proxy in front of `target`: fails the first `fail_first` requests with 503, and may rewrite
+    response bodies (`rewrite(path, body) -> body`)."""
+
+    def __init__(self, target: str, fail_first: int = 0, rewrite: Callable[[str, bytes], bytes] | None = None):
+        self.target, self.remaining, self.rewrite, self.seen = target.rstrip("/"), fail_first, rewrite, 0
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def _forward(self) -> None:
+                proxy.seen += 1
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                if proxy.remaining > 0:
+                    proxy.remaining -= 1
+                    self.send_response(503)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
+                upstream = requests.request(self.command, proxy.target + self.path, headers=headers, data=body,
+                                            allow_redirects=False, timeout=300)
+                content = upstream.content
+                if proxy.rewrite is not None and self.command == "POST":
+                    content = proxy.rewrite(self.path, content)
+                self.send_response(upstream.status_code)
+                for key, value in upstream.headers.items():
+                    if key.lower() not in ("content-length", "transfer-encoding", "connection", "content-encoding"):
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(content) if self.command != "HEAD" else
+                                                       upstream.headers.get("Content-Length", 0)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(content)
+
+            do_GET = do_HEAD = do_PUT = do_POST = do_PATCH = do_DELETE = _forward
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@dataclass
+class Bench:
+    """Everything a fault case needs: where things live and how to run the release against a given registry."""
+
+    root: Path
+    project: Path
+    weights: Path
+    state: Path
+    started: list[Services]
+
+    def registry(self, name: str, snapshot: Path | None = None) -> Settings:
+        """A fresh registry of its own (started), optionally holding a copy of a snapshot's storage."""
+        settings = Settings(state_dir=self.root / "registries" / name, registry_port=free_port())
+        if snapshot is not None:
+            shutil.copytree(snapshot, settings.state_dir / "registry" / "data")
+        services = Services(settings)
+        services.up(("registry",))
+        self.started.append(services)
+        return settings
+
+    def environment(self, registry_host: str, **extra: str) -> dict[str, str]:
+        return {"FLAGRELEASE_STATE_DIR": str(self.state), "FLAGRELEASE_OFFLINE": "1",
+                "FLAGRELEASE_PROJECT_DIR": str(self.project), "FLAGRELEASE_MATRIX": str(self.project / "releases.yaml"),
+                "FLAGRELEASE_IMAGES_DIR": str(self.project / "images"), "FLAGRELEASE_WEIGHTS_DIR": str(self.weights),
+                "FLAGRELEASE_REGISTRY_OVERRIDE": registry_host, "FLAGRELEASE_SERVE_TIMEOUT_S": "120", **extra}
+
+    def run(self, registry_host: str, **extra: str):
+        """The real `release` flow, in this process; returns its final state (never raises for a failed run)."""
+        from flows.release import release
+
+        with pytest.MonkeyPatch.context() as patch:
+            for key, value in self.environment(registry_host, **extra).items():
+                patch.setenv(key, value)
+            return release(RELEASE, return_state=True)
+
+
+def latest_digest(registry_host: str) -> str | None:
+    response = requests.head(f"http://{registry_host}/v2/{REPOSITORY}/manifests/latest",
+                             headers={"Accept": MANIFEST_TYPES}, timeout=10)
+    return response.headers.get("Docker-Content-Digest") if response.status_code == 200 else None
+
+
+def blobs_complete(registry_host: str) -> str:
+    """Every tag of the repository read back by digest, with its config and layer blobs: 'yes' or what is missing."""
+    tags = requests.get(f"http://{registry_host}/v2/{REPOSITORY}/tags/list", timeout=10).json().get("tags") or []
+    for tag in tags:
+        manifest = requests.get(f"http://{registry_host}/v2/{REPOSITORY}/manifests/{tag}",
+                                headers={"Accept": MANIFEST_TYPES}, timeout=10)
+        body = manifest.json()
+        for blob in [body.get("config"), *body.get("layers", []), *body.get("manifests", [])]:
+            if blob is None:
+                continue
+            kind = "manifests" if "manifests" in body else "blobs"
+            if requests.head(f"http://{registry_host}/v2/{REPOSITORY}/{kind}/{blob['digest']}",
+                             headers={"Accept": MANIFEST_TYPES}, timeout=10).status_code != 200:
+                return f"tag {tag}: {blob['digest']} missing"
+    return f"yes ({len(tags)} tags)"
+
+
+def weights_manifest_state(weights: Path) -> str:
+    """'complete' when the verified manifest names files that all exist with their sizes, 'absent' when there is none."""
+    manifests = list(weights.rglob(".flagrelease-weights.json"))
+    if not manifests:
+        return "absent"
+    for path in manifests:
+        manifest = json.loads(path.read_text())
+        for entry in manifest["files"]:
+            file = Path(manifest["folder"]) / entry["path"]
+            if not file.exists() or file.stat().st_size != entry["size"]:
+                return f"INCOMPLETE: {entry['path']}"
+    return "complete"
+
+
+@pytest.fixture(scope="session")
+def bench(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bench]:
+    root = tmp_path_factory.mktemp("faults")
+    project = root / "project"
+    project.mkdir()
+    for name in ("releases.yaml", "pyproject.toml", "benchmarks.yaml"):
+        shutil.copy(PROJECT_DIR / name, project / name)
+    for name in ("images", "templates", "kernels", "locks"):
+        shutil.copytree(PROJECT_DIR / name, project / name, ignore=shutil.ignore_patterns("__pycache__"))
+    matrix = (project / "releases.yaml").read_text()
+    start = matrix.index("  cpu-smoke:\n")
+    end = matrix.index("\nreleases:")
+    (project / "releases.yaml").write_text(matrix[:start] + SMALL_SUITE + matrix[end:])
+    weights = root / "weights"
+    shutil.copytree(cache_root() / "test-weights", weights)
+    for stale in weights.rglob(".flagrelease-weights.json"):
+        stale.unlink()  # the copy's manifest names the cache folder; this bench verifies its own copy
+    services = Services(Settings(state_dir=root / "engine"))
+    started = services.up(("docker",))
+    bed = Bench(root=root, project=project, weights=weights, state=root / "state", started=[])
+    try:
+        yield bed
+    finally:
+        for registry in bed.started:
+            registry.down(("registry",))
+        services.down(tuple(s.name for s in started if s.state == "started"))

@@ -1,0 +1,230 @@
+"""One fault per case, injected into a real run of the `smollm2-cpu` release, then the invariants: no `latest` on an
+image that failed its gate or was not fully pushed, every pushed tag's blobs complete, the verified-weights
+manifest complete or absent. Cases run in order: the first leaves a registry holding the built image but no
+release (its storage is the snapshot later cases start from), so no case pays for a second image build."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import docker
+import pytest
+from prefect.client.orchestration import get_client
+
+from flows.publish.release import referrers
+from flows.registry import RegistryClient, Repository
+from tests.conftest import PROJECT_DIR
+from tests.evaluate.conftest import llama_server, requantized
+from tests.faults.conftest import (REPOSITORY, Bench, Proxy, blobs_complete, latest_digest, record,
+                                   weights_manifest_state)
+
+SNAPSHOT: dict[str, Path] = {}
+
+
+def image_digest(bench: Bench) -> str:
+    [image_file] = bench.state.glob("releases/smollm2-cpu/*/image.json")
+    return json.loads(image_file.read_text())["digest"]
+
+
+def evaluation_of(bench: Bench) -> dict:
+    [report] = bench.state.glob("releases/smollm2-cpu/*/evaluation.json")
+    return json.loads(report.read_text())
+
+
+def test_a_failing_gate_publishes_nothing(bench: Bench, smollm2_gguf: Path):
+    """The broken Q2_K stack answers as the candidate: the run fails at the gate, the report is written, nothing moves."""
+    registry = bench.registry("gate")
+    host = f"127.0.0.1:{registry.registry_port}"
+    with llama_server(requantized(smollm2_gguf, "Q2_K"), alias="smollm2-135m-flagos") as broken:
+        state = bench.run(host, FLAGRELEASE_CANDIDATE_URL=broken)
+    report = evaluation_of(bench)
+    assert state.is_failed() and "is not published: arithmetic: FAIL" in state.message
+    assert report["verdict"] == "FAIL" and latest_digest(host) is None
+    record("failing gate (Q2_K candidate)", "run Failed, nothing published, report kept",
+           f"{state.type.value}; report {report['verdict']}; latest {latest_digest(host)}", blobs_complete(host))
+    SNAPSHOT["built"] = registry.state_dir / "registry" / "data"  # the image pushed, no release published
+
+
+def test_the_candidate_container_killed_during_evaluation(bench: Bench):
+    registry = bench.registry("killed", SNAPSHOT["built"])
+    host = f"127.0.0.1:{registry.registry_port}"
+    engine = docker.from_env()
+    killed: list[str] = []
+
+    def kill_candidate() -> None:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and not killed:
+            for container in engine.containers.list(filters={"label": "flagrelease.role=evaluation"}):
+                if container.name.endswith("-flagos"):
+                    time.sleep(2)  # let it start answering
+                    container.kill()
+                    killed.append(container.name)
+                    return
+            time.sleep(0.5)
+
+    killer = threading.Thread(target=kill_candidate, daemon=True)
+    killer.start()
+    state = bench.run(host)
+    killer.join(timeout=5)
+    assert killed and state.is_failed() and latest_digest(host) is None
+    assert not engine.containers.list(all=True, filters={"label": "flagrelease.role=evaluation"})  # always removed
+    rerun = bench.run(host)
+    assert rerun.is_completed() and latest_digest(host) == image_digest(bench)
+    record("candidate container killed mid-evaluation", "run Failed, nothing published; re-run publishes",
+           f"{state.type.value}: {state.message[:70]}...; re-run {rerun.type.value}", blobs_complete(host))
+
+
+def test_the_registry_answering_5xx_for_a_while(bench: Bench):
+    registry = bench.registry("flaky", SNAPSHOT["built"])
+    proxy = Proxy(f"http://127.0.0.1:{registry.registry_port}", fail_first=3)
+    host = f"127.0.0.1:{proxy.port}"
+    try:
+        state = bench.run(host)
+    finally:
+        proxy.close()
+    direct = f"127.0.0.1:{registry.registry_port}"
+    assert state.is_completed() and latest_digest(direct) == image_digest(bench)
+    record("registry 5xx for the first 3 requests", "retried with backoff; run completes",
+           f"{state.type.value}; {proxy.seen} requests through the proxy", blobs_complete(direct))
+
+
+def test_an_endpoint_answering_garbage_for_some_items(bench: Bench, smollm2_gguf: Path):
+    registry = bench.registry("garbage", SNAPSHOT["built"])
+    host = f"127.0.0.1:{registry.registry_port}"
+    counter = {"n": 0}
+
+    def garble(path: str, body: bytes) -> bytes:
+        counter["n"] += 1
+        if "chat/completions" not in path or counter["n"] % 4:
+            return body
+        reply = json.loads(body)
+        reply["choices"][0]["message"]["content"] = "\x00 ### garbage ###"
+        return json.dumps(reply).encode()
+
+    with llama_server(smollm2_gguf, alias="smollm2-135m-flagos") as healthy:
+        proxy = Proxy(healthy.removesuffix("/v1"), rewrite=garble)
+        try:
+            state = bench.run(host, FLAGRELEASE_CANDIDATE_URL=f"http://127.0.0.1:{proxy.port}/v1")
+        finally:
+            proxy.close()
+    verdict = evaluation_of(bench)["verdict"]
+    assert state.is_failed() and verdict != "PASS" and latest_digest(host) is None
+    record("endpoint garbles 1 answer in 4", "not PASS, nothing published",
+           f"{state.type.value}; verdict {verdict}", blobs_complete(host))
+
+
+def test_the_flow_killed_in_the_middle_of_publish_then_rerun(bench: Bench):
+    registry = bench.registry("sigkill", SNAPSHOT["built"])
+    host = f"127.0.0.1:{registry.registry_port}"
+    env = {**os.environ, **bench.environment(host), "PREFECT_LOGGING_LEVEL": "INFO"}
+    process = subprocess.Popen([sys.executable, "-c", "from flows.release import release; release('smollm2-cpu')"],
+                               cwd=PROJECT_DIR, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in process.stdout:
+        seen.append(line)
+        if "attached README.md" in line:
+            process.send_signal(signal.SIGKILL)
+            break
+    process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL, "".join(seen[-20:])
+    assert latest_digest(host) is None  # killed before the tag moved
+    digest = image_digest(bench)
+    rerun = bench.run(host)
+    client = RegistryClient(Repository.parse(f"{host}/{REPOSITORY}"))
+    records = [d for d in referrers(client, digest) if d["artifactType"].endswith("record.v1+json")]
+    assert rerun.is_completed() and latest_digest(host) == digest and len(records) == 1
+    record("flow SIGKILLed mid-publish, re-run", "re-run completes: one record, latest moved once",
+           f"killed after the card was attached; re-run {rerun.type.value}, {len(records)} record",
+           blobs_complete(host))
+
+
+def test_flipped_and_truncated_weights_are_fetched_again(bench: Bench):
+    registry = bench.registry("weights", SNAPSHOT["built"])
+    host = f"127.0.0.1:{registry.registry_port}"
+    manifest_path = next(bench.weights.rglob(".flagrelease-weights.json"))
+    manifest = json.loads(manifest_path.read_text())
+    gguf = Path(manifest["folder"]) / manifest["files"][0]["path"]
+    observed = []
+    for fault in ("flip", "truncate"):
+        data = bytearray(gguf.read_bytes())
+        if fault == "flip":
+            data[len(data) // 2] ^= 0x01
+            gguf.write_bytes(bytes(data))
+        else:
+            gguf.write_bytes(bytes(data[: len(data) // 2]))
+        state = bench.run(host)
+        assert state.is_completed(), state.message
+        assert json.loads(manifest_path.read_text())["files"][0]["sha256"] == manifest["files"][0]["sha256"]
+        observed.append(f"{fault}: {state.type.value}")
+    assert latest_digest(host) == image_digest(bench)
+    record("weights: one flipped byte, then truncated", "detected, fetched again, run completes",
+           "; ".join(observed), f"manifest {weights_manifest_state(bench.weights)}")
+
+
+def test_no_latest_tag_ever_points_at_a_failed_or_partial_image(bench: Bench):
+    """Across every registry the cases used: `latest` is either absent or an image whose release record says PASS."""
+    checked = 0
+    for settings in (s.settings for s in bench.started):
+        host = f"127.0.0.1:{settings.registry_port}"
+        digest = latest_digest(host)
+        if digest is None:
+            continue
+        client = RegistryClient(Repository.parse(f"{host}/{REPOSITORY}"))
+        [record_descriptor] = [d for d in referrers(client, digest) if d["artifactType"].endswith("record.v1+json")]
+        body, _, _ = client.manifest(record_descriptor["digest"])
+        verdict = json.loads(client.blob(json.loads(body)["layers"][0]["digest"]))["verdict"]
+        assert verdict == "PASS" and blobs_complete(host).startswith("yes")
+        checked += 1
+    assert checked >= 3
+    record("invariant over every case's registry", "latest only on a PASSed, complete image",
+           f"{checked} registries with latest, all PASS", "yes")
+
+
+def test_credentials_never_leave_the_environment(bench: Bench):
+    """Registry password and hub token set to unique markers: after the run (which stops at the unreachable hub, as
+    it must), the markers are in no Prefect log or artifact, no image label or layer, no file under the state
+    folders (card, release record, evaluation, registry storage)."""
+    marker_password, marker_token = "pw-MARKER-7f3a9c1e", "hf-MARKER-2b8d4e6f"
+    credentials = {"FLAGRELEASE_REGISTRY_USER": "release-bot", "FLAGRELEASE_REGISTRY_PASSWORD": marker_password}
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in credentials.items():
+            patch.setenv(key, value)
+        registry = bench.registry("secrets", SNAPSHOT["built"])  # htpasswd from the environment
+        host = f"127.0.0.1:{registry.registry_port}"
+        state = bench.run(host, HF_TOKEN=marker_token, HF_ENDPOINT="http://127.0.0.1:9", **credentials)
+    assert state.is_failed() and "huggingface: publishing the card" in state.message
+    assert latest_digest(host) is None  # a hub failure moves no tag
+
+    async def prefect_texts() -> list[str]:
+        async with get_client() as client:
+            logs = await client.read_logs(limit=10_000)
+            artifacts = await client.read_artifacts(limit=1_000)
+            runs = await client.read_flow_runs(limit=200)
+        return ([log.message for log in logs] + [str(a.data) for a in artifacts]
+                + [f"{r.state.message if r.state else ''} {r.parameters}" for r in runs])
+
+    texts = asyncio.run(prefect_texts())
+    leaks = [f"prefect: {text[:60]}" for text in texts if marker_password in text or marker_token in text]
+    engine = docker.from_env()
+    [image_file] = bench.state.glob("releases/smollm2-cpu/*/image.json")
+    [image] = engine.images.list(filters={"label": f"flagrelease.fingerprint={image_file.parent.name}"})
+    labels = json.dumps(image.labels)
+    layers = b"".join(image.save())
+    leaks += ["image labels"] * (marker_password in labels or marker_token in labels)
+    leaks += ["image layers"] * (marker_password.encode() in layers or marker_token.encode() in layers)
+    for folder in (bench.state, bench.root / "registries"):
+        for path in folder.rglob("*"):
+            if path.is_file() and (marker_password.encode() in (data := path.read_bytes()) or marker_token.encode() in data):
+                leaks.append(str(path))
+    assert len(texts) > 50 and leaks == []
+    record("credentials set to markers", "marker in no log, artifact, label, layer or file",
+           f"{len(texts)} Prefect texts, image layers and state files scanned: {len(leaks)} leaks", "yes")
+
