@@ -23,8 +23,9 @@ from flows.weights.manifest import WeightsManifest
 
 def publish(plan: Plan, matrix: ReleaseMatrix, image: ImageRef, weights: WeightsManifest, report: EvaluationReport,
             registry: RegistryClient, release_dir: Path, project_dir: Path, hub_org: str,
-            log: Callable[[str], None]) -> tuple[ReleaseRecord, list[HubResult], Path]:
-    """Publish a release whose evaluation passed; returns the record, the hub results and the card's path."""
+            log: Callable[[str], None]) -> tuple[ReleaseRecord, list[HubResult], Path, bool]:
+    """Publish a release whose evaluation passed; returns the record, the hub results, the card's path and whether
+    anything changed (False: this fingerprint was already published)."""
     if not report.passed:
         raise PublishRefused(f"{plan.release} did not pass its evaluation ({report.failure_reason()}); not publishing")
     if report.fingerprint != plan.fingerprint:
@@ -63,4 +64,4 @@ def publish(plan: Plan, matrix: ReleaseMatrix, image: ImageRef, weights: Weights
     write_model(release_dir / "release.json", published)
     if changed:
         write_atomic(release_dir / "hubs.json", json.dumps([h.model_dump() for h in hubs], indent=2) + "\n")
-    return published, hubs, card_path
+    return published, hubs, card_path, changed

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -79,9 +80,20 @@ def assert_plan_and_kernels_published(stack: Settings, release: str) -> None:
 
 
 def test_cpu_release_runs_to_a_published_image_through_its_deployment(stack: Settings):
-    result = prefect(stack, "deployment", "run", "release/smollm2-cpu", "--watch", "--watch-timeout", "900", timeout=1000)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "Completed" in result.stdout
+    """Two runs of the release started at once: the deployment's concurrency limit (1) holds the second until the
+    first has published; the second then finds the fingerprint published and changes nothing."""
+    run = ["deployment", "run", "release/smollm2-cpu", "--watch", "--watch-timeout", "1200"]
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda _: prefect(stack, *run, timeout=1300), range(2)))
+    for result in results:
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "Completed" in result.stdout
+    runs = api(stack, "POST", "/flow_runs/filter", flow_runs={"name": {"any_": ["smollm2-cpu"]}})
+    publish_lines = [[log["message"] for log in api(stack, "POST", "/logs/filter", logs={"flow_run_id": {"any_": [r["id"]]}})
+                      if "published" in log["message"]] for r in runs]
+    published = [lines for lines in publish_lines if any(line.startswith("published ") for line in lines)]
+    unchanged = [lines for lines in publish_lines if any("is already published" in line for line in lines)]
+    assert len(runs) == 2 and len(published) == 1 and len(unchanged) == 1, publish_lines
     outputs = outputs_of(stack, "smollm2-cpu")
     image = json.loads((outputs / "image.json").read_text())
     assert image["repository"] == f"127.0.0.1:{stack.registry_port}/flagrelease/smollm2-135m-cpu"
@@ -174,3 +186,12 @@ def test_prefect_ui_lists_every_release_deployment_with_its_schedule(stack: Sett
                        expect=[*MATRIX.spec.releases, "nightly", "every day"])
     assert check.missing == []
     assert check.screenshot.stat().st_size > 20_000  # a rendered page, not a blank one
+
+
+@pytest.mark.skipif(chromium() is None, reason="chromium not installed (bash scripts/setup.sh --with-browser)")
+def test_prefect_ui_shows_the_evaluation_table_and_the_card(stack: Settings, tmp_path: Path):
+    table = check_page(f"{stack.prefect_ui_url}/artifacts/key/evaluation-smollm2-cpu", tmp_path / "evaluation.png",
+                       expect=["evaluation-smollm2-cpu", "arithmetic", "PASS", "not gated"])
+    card = check_page(f"{stack.prefect_ui_url}/artifacts/key/card-smollm2-cpu", tmp_path / "card.png",
+                      expect=["SmolLM2-135M-Instruct-CPU-FlagOS", "Evaluation Results", "docker pull"])
+    assert table.missing == [] and card.missing == []

@@ -146,9 +146,9 @@ def test_a_failed_gate_publishes_nothing(registry_settings: Settings, tmp_path: 
 
     passing = report.model_copy(update={"verdict": Verdict.PASS, "outcomes": [BenchmarkOutcome(
         benchmark="arithmetic", gated=True, repeats=1, gate=paired_gate("arithmetic", native, dict(native), 3.0))]})
-    record, hubs, card_path = publish(plan, load_matrix(PROJECT_DIR / "releases.yaml"), image, weights, passing,
+    record, hubs, card_path, changed = publish(plan, load_matrix(PROJECT_DIR / "releases.yaml"), image, weights, passing,
                                       registry, tmp_path, PROJECT_DIR, "FlagRelease", lambda line: None)
-    assert registry.manifest_digest(MOVING_TAG) == image.digest and record.verdict == "PASS"
+    assert changed and registry.manifest_digest(MOVING_TAG) == image.digest and record.verdict == "PASS"
     assert [h.detail for h in hubs] == ["not published to hub: HF_TOKEN is not set",
                                         "not published to hub: MODELSCOPE_API_TOKEN is not set"]
     card = card_path.read_text()
