@@ -196,7 +196,7 @@ def evaluate(evaluation: Evaluation, client: docker.DockerClient | None, log: Ca
         suite=plan.suite_name, suite_version=plan.suite.version, candidate=evaluation.candidate.stack.served_by,
         reference=evaluation.reference.stack.served_by if evaluation.reference else f"stored results of {plan.reference}",
         outcomes=outcomes, verdict=verdict, perf=[StackPerf(stack=role, points=points) for role, points in perf.items()],
-        perf_verdict=_perf_verdict(plan.suite.perf_min_ratio, perf), operators=evaluation.operators)
+        perf_verdict=throughput_verdict(plan.suite.perf_min_ratio, perf), operators=evaluation.operators)
 
 
 def _revision(plan: Plan) -> str:
@@ -288,7 +288,7 @@ def _perf(evaluation: Evaluation, stacks: Stacks, source: StackSource, log: Call
     return points
 
 
-def _perf_verdict(min_ratio: float | None, perf: dict[str, list[PerfPoint]]) -> Verdict | None:
+def throughput_verdict(min_ratio: float | None, perf: dict[str, list[PerfPoint]]) -> Verdict | None:
     if min_ratio is None:
         return None
     if "native" not in perf or "flagos" not in perf:

@@ -90,6 +90,11 @@ def prepare_weights(model_name: str, model: Model, revision: PinnedRevision, wei
 def _verify(model_name: str, model: Model, revision: PinnedRevision, folder: Path, lock: dict | None,
             expected_from: str, reverify: bool, log: Callable[[str], None],
             progress: ProgressFactory | None) -> tuple[WeightsManifest, int]:
+    resized = {name: f"{(folder / name).stat().st_size} bytes, expected {entry['size']}"
+               for name, entry in (lock or {}).items()
+               if (folder / name).exists() and (folder / name).stat().st_size != entry["size"]}
+    if resized:  # a cut-short file cannot be parsed; it is a transfer fault to fetch again, not a bad checkpoint
+        raise WeightsMismatch(resized)
     structure = verify_structure(folder, model)
     paths = [folder / name for name in structure.files]
     previous = _read_manifest(folder)

@@ -21,6 +21,7 @@ from prefect.client.orchestration import get_client
 
 from flows.publish.release import referrers
 from flows.registry import RegistryClient, Repository
+from flows.services import Services
 from tests.conftest import PROJECT_DIR
 from tests.evaluate.conftest import llama_server, requantized
 from tests.faults.conftest import (REPOSITORY, Bench, Proxy, blobs_complete, latest_digest, record,
@@ -52,6 +53,38 @@ def test_a_failing_gate_publishes_nothing(bench: Bench, smollm2_gguf: Path):
            f"{state.type.value}; report {report['verdict']}; latest {latest_digest(host)}", blobs_complete(host))
     SNAPSHOT["built"] = registry.state_dir / "registry" / "data"  # the image pushed, no release published
 
+
+
+def test_the_registry_stopped_during_the_image_push(bench: Bench):
+    """A registry without the image: the run builds and starts pushing; the registry stops as the first layer
+    upload begins. The build task fails (after its one retry) naming the push; after a restart the re-run pushes
+    and publishes."""
+    registry = bench.registry("push")
+    host = f"127.0.0.1:{registry.registry_port}"
+    services = Services(registry)
+    uploads = registry.state_dir / "registry" / "data" / "docker" / "registry" / "v2" / "repositories"
+    stopped: list[float] = []
+
+    def stop_on_first_upload() -> None:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            if any(uploads.glob("*/*/_uploads/*")):
+                services.down(("registry",))
+                stopped.append(time.monotonic())
+                return
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=stop_on_first_upload, daemon=True)
+    watcher.start()
+    state = bench.run(host)
+    watcher.join(timeout=5)
+    services.up(("registry",))
+    assert stopped and state.is_failed() and "push" in state.message.lower()
+    assert latest_digest(host) is None
+    rerun = bench.run(host)
+    assert rerun.is_completed() and latest_digest(host) == image_digest(bench)
+    record("registry stopped during the image push", "build Failed naming the push; re-run pushes, publishes",
+           f"{state.message[:70]}...; re-run {rerun.type.value}", blobs_complete(host))
 
 def test_the_candidate_container_killed_during_evaluation(bench: Bench):
     registry = bench.registry("killed", SNAPSHOT["built"])
