@@ -17,6 +17,8 @@ from pathlib import Path
 
 import docker
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from prefect.client.orchestration import get_client
 
 from flows.publish.release import referrers
@@ -26,6 +28,7 @@ from tests.conftest import PROJECT_DIR
 from tests.evaluate.conftest import llama_server, requantized
 from tests.faults.conftest import (REPOSITORY, Bench, Proxy, blobs_complete, latest_digest, record,
                                    weights_manifest_state)
+from tests.unit.test_matrix import JUNK, committed, leaf_paths, setter, write
 
 SNAPSHOT: dict[str, Path] = {}
 
@@ -264,3 +267,32 @@ def test_credentials_never_leave_the_environment(bench: Bench):
     record("credentials set to markers", "marker in no log, artifact, label, layer or file",
            f"{len(texts)} Prefect texts, image layers and state files scanned: {len(leaks)} leaks", "yes")
 
+
+
+MALFORMED: list[tuple[int, str]] = []
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_a_malformed_matrix_is_a_named_error_at_the_command_line(data: st.DataObject, tmp_path: Path):
+    """`flagrelease validate` on a matrix with one value replaced by junk, as a user would run it."""
+    matrix = committed()
+    path = data.draw(st.sampled_from([leaf for leaf in leaf_paths(matrix) if leaf]))
+    setter(path, data.draw(JUNK))(matrix)
+    target = write(tmp_path, matrix)
+    env = {**os.environ, "FLAGRELEASE_MATRIX": str(target), "FLAGRELEASE_IMAGES_DIR": str(PROJECT_DIR / "images")}
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "validate"], env=env, capture_output=True, text=True,
+                          timeout=120)
+    output = done.stdout + done.stderr
+    assert "Traceback" not in output
+    assert done.returncode in (0, 2), output  # junk can be valid (a string where a string goes)
+    if done.returncode == 2:
+        assert "releases.yaml:" in output or "chip.yaml" in output
+    MALFORMED.append((done.returncode, output.strip().splitlines()[-1][:60] if output.strip() else ""))
+
+
+def test_the_malformed_matrix_row():
+    refused = sum(code == 2 for code, _ in MALFORMED)
+    assert MALFORMED and refused >= 1
+    record("malformed matrix (hypothesis, CLI)", "exit 2 naming file:line:field, never a traceback",
+           f"{len(MALFORMED)} generated: {refused} refused with a named error, {len(MALFORMED) - refused} valid", "yes")

@@ -53,7 +53,7 @@ def test_unknown_release_lists_the_known_ones():
     assert "qwen3-iluvatar, qwen3-nvidia, smollm2-cpu" in str(caught.value)
 
 
-def _set(path: tuple, value: object) -> Callable[[dict], None]:
+def setter(path: tuple, value: object) -> Callable[[dict], None]:
     def mutate(data: dict) -> None:
         node = data
         for key in path[:-1]:
@@ -72,26 +72,26 @@ def _delete(path: tuple) -> Callable[[dict], None]:
 
 
 BAD_MATRICES = {
-    "unknown top-level key": (_set(("releses",), {}), "releses: unknown key 'releses' (allowed: chips, models, suites, releases, rebuild)"),
-    "unknown release key": (_set(("releases", "smollm2-cpu", "image"), "x"), "releases.smollm2-cpu.image: unknown key 'image' (allowed: chip, model, schedule, repository, suite, reference)"),
-    "unknown model key": (_set(("models", "qwen3-30b-a3b", "source", "branch"), "x"), "models.qwen3-30b-a3b.source.branch: unknown key 'branch' (allowed: hub, repo, revision, file)"),
-    "unknown chip": (_set(("releases", "qwen3-iluvatar", "chip"), "iluvatr"), "releases.qwen3-iluvatar.chip: unknown chip 'iluvatr' (allowed: cpu, iluvatar, nvidia)"),
-    "unknown model": (_set(("releases", "smollm2-cpu", "model"), "smollm3"), "releases.smollm2-cpu.model: unknown model 'smollm3' (allowed: qwen3-30b-a3b, smollm2-135m-instruct)"),
-    "unknown suite": (_set(("releases", "smollm2-cpu", "suite"), "tiny"), "releases.smollm2-cpu.suite: unknown suite 'tiny' (allowed: cpu-smoke, flagrelease-five)"),
-    "reference to itself": (_set(("releases", "smollm2-cpu", "reference"), "smollm2-cpu"), "releases.smollm2-cpu.reference: 'smollm2-cpu' is not another release (allowed: native)"),
-    "reference with another model": (_set(("releases", "smollm2-cpu", "reference"), "qwen3-nvidia"), "serves model 'qwen3-30b-a3b', not 'smollm2-135m-instruct'"),
-    "bad cron": (_set(("releases", "smollm2-cpu", "schedule", "cron"), "0 25 * * *"), "releases.smollm2-cpu.schedule.cron: '0 25 * * *' is not a 5-field cron expression"),
-    "hashed cron": (_set(("releases", "smollm2-cpu", "schedule", "cron"), "H 3 * * *"), "releases.smollm2-cpu.schedule.cron: 'H 3 * * *' is not a 5-field cron expression"),
-    "bad time zone": (_set(("rebuild", "schedule", "timezone"), "Mars/Olympus"), "rebuild.schedule.timezone: 'Mars/Olympus' is not an IANA time zone"),
+    "unknown top-level key": (setter(("releses",), {}), "releses: unknown key 'releses' (allowed: chips, models, suites, releases, rebuild)"),
+    "unknown release key": (setter(("releases", "smollm2-cpu", "image"), "x"), "releases.smollm2-cpu.image: unknown key 'image' (allowed: chip, model, schedule, repository, suite, reference)"),
+    "unknown model key": (setter(("models", "qwen3-30b-a3b", "source", "branch"), "x"), "models.qwen3-30b-a3b.source.branch: unknown key 'branch' (allowed: hub, repo, revision, file)"),
+    "unknown chip": (setter(("releases", "qwen3-iluvatar", "chip"), "iluvatr"), "releases.qwen3-iluvatar.chip: unknown chip 'iluvatr' (allowed: cpu, iluvatar, nvidia)"),
+    "unknown model": (setter(("releases", "smollm2-cpu", "model"), "smollm3"), "releases.smollm2-cpu.model: unknown model 'smollm3' (allowed: qwen3-30b-a3b, smollm2-135m-instruct)"),
+    "unknown suite": (setter(("releases", "smollm2-cpu", "suite"), "tiny"), "releases.smollm2-cpu.suite: unknown suite 'tiny' (allowed: cpu-smoke, flagrelease-five)"),
+    "reference to itself": (setter(("releases", "smollm2-cpu", "reference"), "smollm2-cpu"), "releases.smollm2-cpu.reference: 'smollm2-cpu' is not another release (allowed: native)"),
+    "reference with another model": (setter(("releases", "smollm2-cpu", "reference"), "qwen3-nvidia"), "serves model 'qwen3-30b-a3b', not 'smollm2-135m-instruct'"),
+    "bad cron": (setter(("releases", "smollm2-cpu", "schedule", "cron"), "0 25 * * *"), "releases.smollm2-cpu.schedule.cron: '0 25 * * *' is not a 5-field cron expression"),
+    "hashed cron": (setter(("releases", "smollm2-cpu", "schedule", "cron"), "H 3 * * *"), "releases.smollm2-cpu.schedule.cron: 'H 3 * * *' is not a 5-field cron expression"),
+    "bad time zone": (setter(("rebuild", "schedule", "timezone"), "Mars/Olympus"), "rebuild.schedule.timezone: 'Mars/Olympus' is not an IANA time zone"),
     "missing field": (_delete(("releases", "smollm2-cpu", "repository")), "releases.smollm2-cpu.repository: required key is missing"),
-    "bad hub": (_set(("models", "qwen3-30b-a3b", "source", "hub"), "gitee"), "models.qwen3-30b-a3b.source.hub: Input should be 'modelscope', 'huggingface', 'pypi' or 'local'"),
-    "unknown benchmark": (_set(("suites", "cpu-smoke", "benchmarks", "hellaswag"), {"margin_pp": 1}), "suites.cpu-smoke.benchmarks.hellaswag"),
-    "negative margin": (_set(("suites", "cpu-smoke", "benchmarks", "arithmetic", "margin_pp"), -1), "suites.cpu-smoke.benchmarks.arithmetic.margin_pp: Input should be greater than 0"),
-    "uppercase release name": (_set(("releases", "Smol"), committed()["releases"]["smollm2-cpu"]), "releases.Smol: name 'Smol' is not allowed"),
-    "repository with a tag": (_set(("releases", "smollm2-cpu", "repository"), "127.0.0.1:5000/flagrelease/smol:latest"), "releases.smollm2-cpu.repository: '127.0.0.1:5000/flagrelease/smol:latest' is not '<registry host[:port]>/<path>'"),
-    "duplicate chip in list": (_set(("chips",), ["cpu", "nvidia", "iluvatar", "cpu"]), "chips.3: chip 'cpu' is listed twice"),
-    "shared repository": (_set(("releases", "qwen3-nvidia", "repository"), "127.0.0.1:5000/flagrelease/qwen3-30b-a3b-iluvatar"), "is already used by release 'qwen3-iluvatar'"),
-    "wrong type": (_set(("releases", "smollm2-cpu", "schedule"), "daily"), "releases.smollm2-cpu.schedule: Input should be a valid dictionary"),
+    "bad hub": (setter(("models", "qwen3-30b-a3b", "source", "hub"), "gitee"), "models.qwen3-30b-a3b.source.hub: Input should be 'modelscope', 'huggingface', 'pypi' or 'local'"),
+    "unknown benchmark": (setter(("suites", "cpu-smoke", "benchmarks", "hellaswag"), {"margin_pp": 1}), "suites.cpu-smoke.benchmarks.hellaswag"),
+    "negative margin": (setter(("suites", "cpu-smoke", "benchmarks", "arithmetic", "margin_pp"), -1), "suites.cpu-smoke.benchmarks.arithmetic.margin_pp: Input should be greater than 0"),
+    "uppercase release name": (setter(("releases", "Smol"), committed()["releases"]["smollm2-cpu"]), "releases.Smol: name 'Smol' is not allowed"),
+    "repository with a tag": (setter(("releases", "smollm2-cpu", "repository"), "127.0.0.1:5000/flagrelease/smol:latest"), "releases.smollm2-cpu.repository: '127.0.0.1:5000/flagrelease/smol:latest' is not '<registry host[:port]>/<path>'"),
+    "duplicate chip in list": (setter(("chips",), ["cpu", "nvidia", "iluvatar", "cpu"]), "chips.3: chip 'cpu' is listed twice"),
+    "shared repository": (setter(("releases", "qwen3-nvidia", "repository"), "127.0.0.1:5000/flagrelease/qwen3-30b-a3b-iluvatar"), "is already used by release 'qwen3-iluvatar'"),
+    "wrong type": (setter(("releases", "smollm2-cpu", "schedule"), "daily"), "releases.smollm2-cpu.schedule: Input should be a valid dictionary"),
 }
 
 
@@ -169,11 +169,11 @@ def test_chip_profile_name_must_match_its_folder(project_copy: Path):
     assert caught.value.problems == [f"chip.yaml:{line}: name: is 'cpu2' but the folder is 'cpu'; they must match"]
 
 
-def _leaves(data: object, prefix: tuple = ()) -> list[tuple]:
+def leaf_paths(data: object, prefix: tuple = ()) -> list[tuple]:
     if isinstance(data, dict):
-        return [leaf for key, value in data.items() for leaf in _leaves(value, prefix + (key,))] or [prefix]
+        return [leaf for key, value in data.items() for leaf in leaf_paths(value, prefix + (key,))] or [prefix]
     if isinstance(data, list):
-        return [leaf for index, value in enumerate(data) for leaf in _leaves(value, prefix + (index,))] or [prefix]
+        return [leaf for index, value in enumerate(data) for leaf in leaf_paths(value, prefix + (index,))] or [prefix]
     return [prefix]
 
 
@@ -185,11 +185,11 @@ JUNK = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats
 @given(data=st.data())
 def test_any_corrupted_value_is_a_matrix_error_never_a_traceback(data: st.DataObject, tmp_path: Path):
     matrix = committed()
-    leaves = [leaf for leaf in _leaves(matrix) if leaf]
+    leaves = [leaf for leaf in leaf_paths(matrix) if leaf]
     path = data.draw(st.sampled_from(leaves))
     junk = data.draw(JUNK)
     corrupted = copy.deepcopy(matrix)
-    _set(path, junk)(corrupted)
+    setter(path, junk)(corrupted)
     target = write(tmp_path, corrupted)
     try:
         load_matrix(target, PROJECT_DIR / "images")
