@@ -91,7 +91,9 @@ def card_title(plan: Plan) -> str:
 
 def download_commands(plan: Plan, weights: WeightsManifest) -> tuple[list[str], str]:
     """Commands that fetch the verified revision, and the folder that then holds the weights."""
-    source, revision = plan.model.source, weights.revision
+    source = plan.model.source
+    verified = weights.revision  # the revision the weights stage verified: a pin, or "unpinned:<requested>"
+    revision = source.revision if verified.startswith("unpinned:") else verified
     if source.hub == "modelscope":
         return [f"modelscope download --model {source.repo} --revision {revision} --local_dir ./{WEIGHTS_DIR}"], WEIGHTS_DIR
     if source.hub == "huggingface":
