@@ -141,9 +141,9 @@ def publish_stage(plan: Plan, image: ImageRef, weights: WeightsManifest, evaluat
     """Attach the card, report and kernels manifest to the image digest, push hub cards, move `latest` last."""
     logger = get_run_logger()
     outputs = settings.release_dir(plan.release, plan.fingerprint)
-    record, hubs, card_path, changed = publish(plan, load_matrix(settings.matrix, settings.images_dir), image, weights,
-                                      evaluation, registry_for(plan)[0], outputs, settings.project_dir,
-                                      settings.hub_org, logger.info)
+    record, hubs, card_path, changed = publish(
+        plan, load_matrix(settings.matrix, settings.images_dir), image, weights, evaluation, registry_for(plan)[0],
+        outputs, settings.project_dir, settings.hub_org, logger.info)
     for hub in hubs:
         (logger.info if hub.published else logger.warning)("%s %s: %s", hub.hub, hub.repo, hub.detail)
     create_markdown_artifact(key=f"card-{plan.release}", markdown=card_path.read_text(),
