@@ -8,6 +8,7 @@ import http.server
 import json
 import shutil
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,6 +134,26 @@ class Bench:
             for key, value in self.environment(registry_host, **extra).items():
                 patch.setenv(key, value)
             return release(RELEASE, return_state=True)
+
+
+def run_with_fault(bench: Bench, registry_host: str, inject: Callable[[], bool], poll_s: float = 0.5):
+    """Run the release while a watcher calls `inject` every `poll_s` until it reports the fault injected (True);
+    returns the run's final state and whether the fault was injected."""
+    injected = threading.Event()
+
+    def watch() -> None:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and not injected.is_set():
+            if inject():
+                injected.set()
+                return
+            time.sleep(poll_s)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    state = bench.run(registry_host)
+    watcher.join(timeout=5)
+    return state, injected.is_set()
 
 
 def latest_digest(registry_host: str) -> str | None:

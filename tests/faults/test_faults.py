@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from flows.registry import RegistryClient, Repository
 from flows.services import Services
 from tests.conftest import PROJECT_DIR
 from tests.evaluate.conftest import llama_server, requantized
-from tests.faults.conftest import (REPOSITORY, Bench, Proxy, blobs_complete, latest_digest, record,
+from tests.faults.conftest import (REPOSITORY, Bench, Proxy, blobs_complete, latest_digest, record, run_with_fault,
                                    weights_manifest_state)
 from tests.unit.test_matrix import JUNK, committed, leaf_paths, setter, write
 
@@ -57,7 +56,6 @@ def test_a_failing_gate_publishes_nothing(bench: Bench, smollm2_gguf: Path):
     SNAPSHOT["built"] = registry.state_dir / "registry" / "data"  # the image pushed, no release published
 
 
-
 def test_the_registry_stopped_during_the_image_push(bench: Bench):
     """A registry without the image: the run builds and starts pushing; the registry stops as the first layer
     upload begins. The build task fails (after its one retry) naming the push; after a restart the re-run pushes
@@ -66,21 +64,14 @@ def test_the_registry_stopped_during_the_image_push(bench: Bench):
     host = f"127.0.0.1:{registry.registry_port}"
     services = Services(registry)
     uploads = registry.state_dir / "registry" / "data" / "docker" / "registry" / "v2" / "repositories"
-    stopped: list[float] = []
 
-    def stop_on_first_upload() -> None:
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            if any(uploads.glob("*/*/_uploads/*")):
-                services.down(("registry",))
-                stopped.append(time.monotonic())
-                return
-            time.sleep(0.05)
+    def stop_on_first_upload() -> bool:
+        if not any(uploads.glob("*/*/_uploads/*")):
+            return False
+        services.down(("registry",))
+        return True
 
-    watcher = threading.Thread(target=stop_on_first_upload, daemon=True)
-    watcher.start()
-    state = bench.run(host)
-    watcher.join(timeout=5)
+    state, stopped = run_with_fault(bench, host, stop_on_first_upload, poll_s=0.05)
     services.up(("registry",))
     assert stopped and state.is_failed() and "push" in state.message.lower()
     assert latest_digest(host) is None
@@ -89,27 +80,21 @@ def test_the_registry_stopped_during_the_image_push(bench: Bench):
     record("registry stopped during the image push", "build Failed naming the push; re-run pushes, publishes",
            f"{state.message[:70]}...; re-run {rerun.type.value}", blobs_complete(host))
 
+
 def test_the_candidate_container_killed_during_evaluation(bench: Bench):
     registry = bench.registry("killed", SNAPSHOT["built"])
     host = f"127.0.0.1:{registry.registry_port}"
     engine = docker.from_env()
-    killed: list[str] = []
 
-    def kill_candidate() -> None:
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline and not killed:
-            for container in engine.containers.list(filters={"label": "flagrelease.role=evaluation"}):
-                if container.name.endswith("-flagos"):
-                    time.sleep(2)  # let it start answering
-                    container.kill()
-                    killed.append(container.name)
-                    return
-            time.sleep(0.5)
+    def kill_candidate() -> bool:
+        for container in engine.containers.list(filters={"label": "flagrelease.role=evaluation"}):
+            if container.name.endswith("-flagos"):
+                time.sleep(2)  # let it start answering
+                container.kill()
+                return True
+        return False
 
-    killer = threading.Thread(target=kill_candidate, daemon=True)
-    killer.start()
-    state = bench.run(host)
-    killer.join(timeout=5)
+    state, killed = run_with_fault(bench, host, kill_candidate)
     assert killed and state.is_failed() and latest_digest(host) is None
     assert not engine.containers.list(all=True, filters={"label": "flagrelease.role=evaluation"})  # always removed
     rerun = bench.run(host)
