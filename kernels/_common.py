@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 import triton
+from triton.runtime.interpreter import InterpretedFunction
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -59,9 +60,37 @@ def as_rows(tensor: torch.Tensor) -> torch.Tensor:
     return flat
 
 
-def block_rows(block_cols: int, target_elements: int = 4096, max_rows: int = 64) -> int:
-    """Rows per program so that one program touches about `target_elements` elements."""
-    return max(1, min(max_rows, target_elements // block_cols))
+@dataclass(frozen=True)
+class LaunchPolicy:
+    """How much work one program instance gets: about `target_elements` elements, at most `max_rows` rows.
+
+    `fit_rows` shrinks the row block to the rows there are. Compiled kernels keep it off, so their compile-time
+    constants (and AOT cache keys) never depend on the batch size; the interpreter compiles nothing and turns it on.
+    """
+
+    target_elements: int
+    max_rows: int = 64
+    fit_rows: bool = False
+
+    def rows_per_program(self, block_cols: int, n_rows: int) -> int:
+        rows = max(1, min(self.max_rows, self.target_elements // block_cols))
+        return min(rows, next_power_of_2(max(1, n_rows))) if self.fit_rows else rows
+
+
+INTERPRETED = LaunchPolicy(target_elements=1 << 20, max_rows=1 << 14, fit_rows=True)
+
+
+@dataclass(frozen=True)
+class LaunchPolicies:
+    """A kernel's launch policy per execution mode. Compiled, many small programs keep every SM busy; Triton's CPU
+    interpreter pays a fixed cost per program instance (~5 ms, notes/h200-real-model.md), so few large ones win."""
+
+    compiled: LaunchPolicy
+    interpreted: LaunchPolicy = INTERPRETED
+
+    def for_kernel(self, kernel: Any) -> LaunchPolicy:
+        """The policy for the mode `kernel` was decorated in (TRITON_INTERPRET=1 at import: the interpreter)."""
+        return self.interpreted if isinstance(kernel, InterpretedFunction) else self.compiled
 
 
 def warps_for(elements: int) -> int:

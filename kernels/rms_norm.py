@@ -6,9 +6,12 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import Launch, as_rows, block_rows, check_tensor, next_power_of_2, output, warps_for
+from kernels._common import (Launch, LaunchPolicies, LaunchPolicy, as_rows, check_tensor, next_power_of_2, output,
+                             warps_for)
 
 PRODUCTION_COLS = (2048, 128)  # hidden size; per-head q/k norm
+# H200 sweep: one 2048-wide row, 4 warps, is fastest
+POLICIES = LaunchPolicies(compiled=LaunchPolicy(target_elements=2048))
 
 
 @triton.jit(do_not_specialize=["n_rows", "eps"])
@@ -26,9 +29,9 @@ def rms_norm_kernel(x_ptr, w_ptr, y_ptr, n_rows, n_cols, x_row_stride, y_row_str
     tl.store(y_ptr + rows64 * y_row_stride + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def launch(n_rows: int, n_cols: int, args: tuple = ()) -> Launch:
+def launch(n_rows: int, n_cols: int, args: tuple = (), policy: LaunchPolicy | None = None) -> Launch:
     block_n = next_power_of_2(n_cols)
-    block_m = block_rows(block_n, target_elements=2048)  # H200 sweep: one 2048-wide row, 4 warps, is fastest
+    block_m = (policy or POLICIES.for_kernel(rms_norm_kernel)).rows_per_program(block_n, n_rows)
     return Launch(rms_norm_kernel, grid=(triton.cdiv(n_rows, block_m),),
                   constexprs={"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps_for(block_m * block_n), args=args)
 

@@ -11,17 +11,19 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import Launch, check_tensor, next_power_of_2
+from kernels._common import Launch, LaunchPolicies, LaunchPolicy, check_tensor, next_power_of_2
 
 PRODUCTION = {"num_q_heads": 32, "num_kv_heads": 4, "head_size": 128, "rot_dim": 128, "theta": 1e6}
+# compiled: one token per program (all of its heads in one [head, half] tile)
+POLICIES = LaunchPolicies(compiled=LaunchPolicy(target_elements=1, max_rows=1))
 
 
 @triton.jit
-def _rotate_heads(base_ptr, token_stride, token, cos, sin, half_offs, half_mask,
+def _rotate_heads(base_ptr, token_stride, tokens, token_mask, cos, sin, half_offs, half_mask,
                   NUM_HEADS: tl.constexpr, HEAD_SIZE: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr):
-    heads = tl.arange(0, BLOCK_H)[:, None]
-    mask = (heads < NUM_HEADS) & half_mask
-    first = base_ptr + token.to(tl.int64) * token_stride + heads * HEAD_SIZE + half_offs
+    heads = tl.arange(0, BLOCK_H)[None, :, None]
+    mask = token_mask & (heads < NUM_HEADS) & half_mask
+    first = base_ptr + tokens.to(tl.int64) * token_stride + heads * HEAD_SIZE + half_offs
     x1 = tl.load(first, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(first + HALF, mask=mask, other=0.0).to(tl.float32)
     tl.store(first, (x1 * cos - x2 * sin).to(base_ptr.dtype.element_ty), mask=mask)
@@ -32,24 +34,32 @@ def _rotate_heads(base_ptr, token_stride, token, cos, sin, half_offs, half_mask,
 def rotary_embedding_kernel(pos_ptr, q_ptr, k_ptr, cache_ptr, n_tokens, q_token_stride, k_token_stride, cache_stride,
                             NUM_Q_HEADS: tl.constexpr, NUM_K_HEADS: tl.constexpr, HEAD_SIZE: tl.constexpr,
                             HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_HQ: tl.constexpr,
-                            BLOCK_HK: tl.constexpr):
-    """One program per token: every query head and every key head of that token."""
-    token = tl.program_id(0)
-    position = tl.load(pos_ptr + token).to(tl.int64)
-    half_offs = tl.arange(0, BLOCK_HALF)[None, :]
+                            BLOCK_HK: tl.constexpr, BLOCK_T: tl.constexpr):
+    """BLOCK_T tokens per program (tiles [token, head, half]): every query head and every key head of each."""
+    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)[:, None, None]
+    token_mask = tokens < n_tokens
+    position = tl.load(pos_ptr + tokens, mask=token_mask, other=0).to(tl.int64)
+    half_offs = tl.arange(0, BLOCK_HALF)[None, None, :]
     half_mask = half_offs < HALF
-    cos = tl.load(cache_ptr + position * cache_stride + half_offs, mask=half_mask, other=0.0).to(tl.float32)
-    sin = tl.load(cache_ptr + position * cache_stride + HALF + half_offs, mask=half_mask, other=0.0).to(tl.float32)
-    _rotate_heads(q_ptr, q_token_stride, token, cos, sin, half_offs, half_mask, NUM_Q_HEADS, HEAD_SIZE, HALF, BLOCK_HQ)
-    _rotate_heads(k_ptr, k_token_stride, token, cos, sin, half_offs, half_mask, NUM_K_HEADS, HEAD_SIZE, HALF, BLOCK_HK)
+    cs_mask = token_mask & half_mask
+    cos = tl.load(cache_ptr + position * cache_stride + half_offs, mask=cs_mask, other=0.0).to(tl.float32)
+    sin = tl.load(cache_ptr + position * cache_stride + HALF + half_offs, mask=cs_mask, other=0.0).to(tl.float32)
+    _rotate_heads(q_ptr, q_token_stride, tokens, token_mask, cos, sin, half_offs, half_mask, NUM_Q_HEADS, HEAD_SIZE,
+                  HALF, BLOCK_HQ)
+    _rotate_heads(k_ptr, k_token_stride, tokens, token_mask, cos, sin, half_offs, half_mask, NUM_K_HEADS, HEAD_SIZE,
+                  HALF, BLOCK_HK)
 
 
-def launch(n_tokens: int, num_q_heads: int, num_k_heads: int, head_size: int, rot_dim: int, args: tuple = ()) -> Launch:
+def launch(n_tokens: int, num_q_heads: int, num_k_heads: int, head_size: int, rot_dim: int, args: tuple = (),
+           policy: LaunchPolicy | None = None) -> Launch:
     half = rot_dim // 2
-    return Launch(rotary_embedding_kernel, grid=(n_tokens,), num_warps=4 if num_q_heads * half <= 2048 else 8, args=args,
+    block_half, block_hq = next_power_of_2(half), next_power_of_2(num_q_heads)
+    block_t = (policy or POLICIES.for_kernel(rotary_embedding_kernel)).rows_per_program(block_hq * block_half, n_tokens)
+    return Launch(rotary_embedding_kernel, grid=(triton.cdiv(n_tokens, block_t),), args=args,
+                  num_warps=4 if num_q_heads * half <= 2048 else 8,
                   constexprs={"NUM_Q_HEADS": num_q_heads, "NUM_K_HEADS": num_k_heads, "HEAD_SIZE": head_size,
-                              "HALF": half, "BLOCK_HALF": next_power_of_2(half),
-                              "BLOCK_HQ": next_power_of_2(num_q_heads), "BLOCK_HK": next_power_of_2(num_k_heads)})
+                              "HALF": half, "BLOCK_HALF": block_half, "BLOCK_HQ": block_hq,
+                              "BLOCK_HK": next_power_of_2(num_k_heads), "BLOCK_T": block_t})
 
 
 def cos_sin_cache(max_position: int, rot_dim: int, theta: float = 1e6, dtype: torch.dtype = torch.float32,

@@ -6,9 +6,11 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import Launch, as_rows, block_rows, check_tensor, next_power_of_2, output
+from kernels._common import Launch, LaunchPolicies, LaunchPolicy, as_rows, check_tensor, next_power_of_2, output
 
 PRODUCTION_D = 768
+# H200 sweep (d = 768): one row per program in a 1024-wide tile beat exact 256-wide tiles over more rows
+POLICIES = LaunchPolicies(compiled=LaunchPolicy(target_elements=1024))
 
 
 @triton.jit(do_not_specialize=["n_rows"])
@@ -24,10 +26,10 @@ def silu_and_mul_kernel(x_ptr, out_ptr, n_rows, d, x_row_stride, out_row_stride,
     tl.store(out_ptr + rows64 * out_row_stride + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def launch(n_rows: int, d: int, args: tuple = ()) -> Launch:
-    # H200 sweep (d = 768): one row per program in a 1024-wide tile beat exact 256-wide tiles over more rows
-    block_d = min(next_power_of_2(d), 1024)
-    block_m = block_rows(block_d, target_elements=1024)
+def launch(n_rows: int, d: int, args: tuple = (), policy: LaunchPolicy | None = None) -> Launch:
+    policy = policy or POLICIES.for_kernel(silu_and_mul_kernel)
+    block_d = min(next_power_of_2(d), policy.target_elements)
+    block_m = policy.rows_per_program(block_d, n_rows)
     return Launch(silu_and_mul_kernel, grid=(triton.cdiv(n_rows, block_m), triton.cdiv(d, block_d)),
                   constexprs={"BLOCK_M": block_m, "BLOCK_D": block_d}, num_warps=4, args=args)
 

@@ -7,9 +7,11 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import Launch, as_rows, block_rows, check_tensor, next_power_of_2, output, warps_for
+from kernels._common import (Launch, LaunchPolicies, LaunchPolicy, as_rows, check_tensor, next_power_of_2, output,
+                             warps_for)
 
 SINGLE_TILE_MAX = 8192
+POLICIES = LaunchPolicies(compiled=LaunchPolicy(target_elements=4096))
 LOOP_BLOCK = 4096
 PRODUCTION_COLS = (128, 151936)  # router logits; Qwen3 vocabulary
 
@@ -52,10 +54,10 @@ def softmax_loop_kernel(x_ptr, y_ptr, n_rows, n_cols, x_row_stride, y_row_stride
                  mask=cols < n_cols)
 
 
-def launch(n_rows: int, n_cols: int, args: tuple = ()) -> Launch:
+def launch(n_rows: int, n_cols: int, args: tuple = (), policy: LaunchPolicy | None = None) -> Launch:
     block_n = next_power_of_2(n_cols)
     if block_n <= SINGLE_TILE_MAX:
-        block_m = block_rows(block_n)
+        block_m = (policy or POLICIES.for_kernel(softmax_tile_kernel)).rows_per_program(block_n, n_rows)
         return Launch(softmax_tile_kernel, grid=(triton.cdiv(n_rows, block_m),), args=args,
                       constexprs={"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps_for(block_m * block_n))
     return Launch(softmax_loop_kernel, grid=(n_rows,), constexprs={"BLOCK_N": LOOP_BLOCK}, num_warps=8, args=args)

@@ -7,9 +7,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import Launch, check_tensor, next_power_of_2, output
+from kernels._common import Launch, LaunchPolicies, LaunchPolicy, check_tensor, next_power_of_2, output
 
 PRODUCTION = {"num_experts": 128, "topk": 8}
+POLICIES = LaunchPolicies(compiled=LaunchPolicy(target_elements=2048, max_rows=16))
 
 
 @triton.jit(do_not_specialize=["n_tokens"])
@@ -44,9 +45,10 @@ def topk_softmax_kernel(logits_ptr, weights_ptr, ids_ptr, n_tokens, n_experts, l
     tl.store(ids_ptr + out_offs, chosen_id, mask=out_mask)
 
 
-def launch(n_tokens: int, n_experts: int, topk: int, renormalize: bool, args: tuple = ()) -> Launch:
+def launch(n_tokens: int, n_experts: int, topk: int, renormalize: bool, args: tuple = (),
+           policy: LaunchPolicy | None = None) -> Launch:
     block_e = next_power_of_2(n_experts)
-    block_t = max(1, min(16, 2048 // block_e))
+    block_t = (policy or POLICIES.for_kernel(topk_softmax_kernel)).rows_per_program(block_e, n_tokens)
     return Launch(topk_softmax_kernel, grid=(triton.cdiv(n_tokens, block_t),), num_warps=4, args=args,
                   constexprs={"TOPK": topk, "BLOCK_K": next_power_of_2(topk), "RENORMALIZE": renormalize,
                               "BLOCK_T": block_t, "BLOCK_E": block_e})
