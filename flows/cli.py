@@ -146,10 +146,10 @@ def _prepare(args: argparse.Namespace, settings: Settings) -> int:
     for chip in _matrix(settings).chips.values():
         if chip.base_debootstrap is not None:
             log(f"{chip.name} base: {base_tarball(chip.base_debootstrap, log)}")
-        wheels = ENGINE_BUILDS[chip.serve.engine].wheels(log)
+        wheels = ENGINE_BUILDS[chip.serve.engine].wheels(settings.project_dir, log)
         log(f"{chip.name} {chip.serve.engine} wheels: {len(wheels)} ready")
     install_server_here(log)
-    log("llama.cpp's OpenAI server installed in this environment (local reference stacks)")
+    log("llama.cpp's OpenAI server installed in this environment (the evaluate tests' quantised control stacks)")
     return 0
 
 

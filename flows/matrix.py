@@ -154,9 +154,12 @@ class TritonSpec(Strict):
 
 
 class ServeSpec(Strict):
-    engine: Literal["vllm", "llama_cpp"]
+    engine: Literal["vllm", "transformers"] = Field(description="vllm: FlagScale's vLLM on the vendor base image; "
+                                                    "transformers: the FlagOS engine in engine/")
     port: int = Field(ge=1, le=65535)
     tensor_parallel_size: int = Field(default=1, ge=1)
+    device: Text = Field(default="auto", description="transformers engine: torch device (auto: cuda when present)")
+    dtype: Text = Field(default="auto", description="transformers engine: torch dtype of the served weights")
     flagos_env: dict[str, str] = Field(default_factory=lambda: {"USE_FLAGGEMS": "1"},
                                        description="environment of the FlagOS stack (our kernels on)")
     native_env: dict[str, str] = Field(default_factory=lambda: {"USE_FLAGGEMS": "0"},

@@ -23,7 +23,9 @@ from flows.settings import Settings
 
 PLAN_SCHEMA_VERSION = 1
 ARTEFACT_TEMPLATE_SUFFIXES = (".j2",)
-KERNEL_SOURCE_SUFFIXES = (".py", ".yaml", ".json")
+IMAGE_SOURCE_DIRS = ("kernels", "engine")  # copied into every image: our kernels and the engine that calls them
+IMAGE_SOURCE_SUFFIXES = (".py", ".yaml", ".json")
+IMAGE_EXTRAS = ("kernels", "engine")  # pyproject extras installed into the image
 REPORT_TEMPLATES_DIR = "reports"  # templates/reports/ render UI reports only: they do not change the artefact
 
 
@@ -91,9 +93,10 @@ def fingerprint_inputs(matrix: ReleaseMatrix, release_name: str, revision: Pinne
     inputs.update(tree_hashes(matrix.chip_dir(release.chip), f"chip/{release.chip}", suffixes=("",)))
     inputs.update(tree_hashes(project_dir / "templates", "template", ARTEFACT_TEMPLATE_SUFFIXES,
                               exclude_dirs=frozenset({REPORT_TEMPLATES_DIR})))
-    inputs.update(tree_hashes(project_dir / "kernels", "kernel", KERNEL_SOURCE_SUFFIXES,
-                              exclude_dirs=frozenset({"__pycache__"})))
-    inputs.update({f"package/{name}": version for name, version in kernel_toolchain(project_dir).items()})
+    for folder in IMAGE_SOURCE_DIRS:
+        inputs.update(tree_hashes(project_dir / folder, folder.removesuffix("s"), IMAGE_SOURCE_SUFFIXES,
+                                  exclude_dirs=frozenset({"__pycache__"})))
+    inputs.update({f"package/{name}": version for name, version in image_requirements(project_dir).items()})
     inputs.update({f"tool/{name}": version for name, version in sorted(chip.versions.items())})
     return inputs
 
@@ -102,14 +105,15 @@ def fingerprint(inputs: dict[str, str]) -> str:
     return _digest(inputs)
 
 
-def kernel_toolchain(project_dir: Path) -> dict[str, str]:
-    """The `==` pins of pyproject's `kernels` extra: the toolchain compiled into the image."""
+def image_requirements(project_dir: Path) -> dict[str, str]:
+    """The `==` pins of pyproject's image extras: the kernel toolchain and the serving engine in every image."""
     with (project_dir / "pyproject.toml").open("rb") as handle:
         extras = tomllib.load(handle)["project"]["optional-dependencies"]
     pins = {}
-    for requirement in extras["kernels"]:
-        name, _, version = requirement.partition("==")
-        pins[name.strip().lower()] = version.strip()
+    for extra in IMAGE_EXTRAS:
+        for requirement in extras[extra]:
+            name, _, version = requirement.partition("==")
+            pins[name.strip().lower()] = version.strip()
     return dict(sorted(pins.items()))
 
 

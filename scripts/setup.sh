@@ -29,7 +29,7 @@ stamp=.venv/.flagrelease-installed
 if [[ ! -f $stamp || pyproject.toml -nt $stamp ]]; then
     echo "setup: installing Python dependencies (pinned in pyproject.toml)"
     # grep drops pip's warnings about configured local mirrors that do not exist; pipefail keeps pip's status
-    .venv/bin/pip install -q --disable-pip-version-check -e ".[kernels,test]" 2>&1 | { grep -v "^WARNING: Location" || true; }
+    .venv/bin/pip install -q --disable-pip-version-check -e ".[kernels,engine,test]" 2>&1 | { grep -v "^WARNING: Location" || true; }
     touch "$stamp"
 fi
 # Machine-level build caches (outside the clone, reused by later clones): the Debian base of the cpu image and the

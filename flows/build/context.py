@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 from dataclasses import asdict, dataclass
@@ -22,8 +21,10 @@ from flows.plan import Plan
 FLAGOS_HOME = "/opt/flagos"
 TRITON_CACHE = f"{FLAGOS_HOME}/triton-cache"
 MODEL_MOUNT = "/models"  # weights are mounted read-only here at run time, never baked in
-KERNEL_SOURCES = ("*.py",)
-SERVE_CONFIGS = {"llama_cpp": "llama_cpp.json", "vllm": "vllm.yaml"}
+CACHE_MOUNT = "/var/cache/flagos"  # the engine's writable cache (a GGUF's one-time conversion), a volume at run time
+IMAGE_SOURCES = {"kernels": ("*.py",), "engine": ("*.py", "*.yaml")}  # copied into the image, folder by folder
+SERVE_CONFIGS = {"transformers": "transformers.json", "vllm": "vllm.yaml"}
+BACKEND_ENV = {"interpreter": {"TRITON_INTERPRET": "1"}}  # image environment per Triton backend
 SERVE_NAMES = {"Qwen3MoeForCausalLM": "qwen3", "llama": "llama"}  # FlagScale's example name per architecture
 
 
@@ -58,16 +59,12 @@ def dockerfile_template(plan: Plan, project_dir: Path) -> tuple[Path, str]:
     return project_dir / "templates", f"Dockerfile.{plan.chip.serve.engine}.j2"
 
 
-def model_path(plan: Plan) -> str:
-    weights = plan.model.source.file.rsplit("/", 1)[-1] if plan.model.source.file else plan.model.display_name
-    return f"{MODEL_MOUNT}/{weights}"
-
-
 def render_dockerfile(plan: Plan, base_image: str, project_dir: Path) -> str:
     folder, name = dockerfile_template(plan, project_dir)
     return render(folder, name, base_image=base_image, chip=plan.chip.name, flagos_home=FLAGOS_HOME,
                   triton_cache=TRITON_CACHE, aot_targets=plan.chip.triton.aot_targets, serve_port=plan.chip.serve.port,
-                  serve_config=SERVE_CONFIGS[plan.chip.serve.engine], serve_name=serve_name(plan))
+                  serve_config=SERVE_CONFIGS[plan.chip.serve.engine], serve_name=serve_name(plan),
+                  image_env=BACKEND_ENV.get(plan.chip.triton.backend, {}))
 
 
 def serve_name(plan: Plan) -> str:
@@ -76,10 +73,11 @@ def serve_name(plan: Plan) -> str:
 
 def render_serve_config(plan: Plan, project_dir: Path) -> tuple[str, str]:
     config = SERVE_CONFIGS[plan.chip.serve.engine]
-    text = render(project_dir / "templates" / "serve", f"{config}.j2", port=plan.chip.serve.port,
-                  served_name=plan.model.served_name, model_path=model_path(plan), serve_name=serve_name(plan),
-                  tensor_parallel_size=plan.chip.serve.tensor_parallel_size, triton_cache=TRITON_CACHE,
-                  threads=max(1, (os.cpu_count() or 2) // 2))
+    serve = plan.chip.serve
+    text = render(project_dir / "templates" / "serve", f"{config}.j2", port=serve.port,
+                  served_name=plan.model.served_name, model_path=MODEL_MOUNT, model_mount=MODEL_MOUNT,
+                  cache_mount=CACHE_MOUNT, serve_name=serve_name(plan), tensor_parallel_size=serve.tensor_parallel_size,
+                  triton_cache=TRITON_CACHE, device=serve.device, dtype=serve.dtype)
     return config, text
 
 
@@ -115,10 +113,11 @@ def assemble_context(plan: Plan, kernels: KernelArtifacts, base_image: str, whee
         name, version = wheel.name.split("-")[:2]
         requirements.append(f"{name}=={version} --hash=sha256:{sha256_file(wheel)}")
     (dest / "wheels" / "requirements.txt").write_text("\n".join(requirements) + "\n")
-    (dest / "kernels").mkdir()
-    for pattern in KERNEL_SOURCES:
-        for source in sorted((project_dir / "kernels").glob(pattern)):
-            shutil.copyfile(source, dest / "kernels" / source.name)
+    for folder, patterns in IMAGE_SOURCES.items():
+        (dest / folder).mkdir()
+        for pattern in patterns:
+            for source in sorted((project_dir / folder).glob(pattern)):
+                shutil.copyfile(source, dest / folder / source.name)
     (dest / "flagos").mkdir()
     manifest = _kernels_manifest(kernels)
     (dest / "flagos" / "kernels-manifest.json").write_text(manifest)

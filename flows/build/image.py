@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict
 
 from flows.build.base import BaseImageUnavailable, ensure_base_image
 from flows.build.context import BuildContext, assemble_context
-from flows.build.wheels import LLAMA_CPP_CMAKE_ARGS, llama_cpp_wheel, server_wheelhouse
+from flows.build.wheels import image_wheelhouse
 from flows.errors import FlagReleaseError
 from flows.kernel_artifacts import KernelArtifacts
 from flows.plan import Plan
@@ -66,16 +66,14 @@ class ImageRef(BaseModel):
 class EngineBuild:
     """What an inference engine's image needs from the host: wheels and the flags to record."""
 
-    wheels: Callable[[Callable[[str], None]], list[Path]]
+    wheels: Callable[[Path, Callable[[str], None]], list[Path]]
     flags: dict[str, str]
 
 
 ENGINE_BUILDS: dict[str, EngineBuild] = {
-    "llama_cpp": EngineBuild(
-        wheels=lambda log: [llama_cpp_wheel(log), *sorted(server_wheelhouse(log).glob("*.whl"))],
-        flags={"llama-cpp-cmake-args": LLAMA_CPP_CMAKE_ARGS}),
+    "transformers": EngineBuild(wheels=lambda project_dir, log: image_wheelhouse(project_dir, log), flags={}),
     # GPU images take FlagScale/vLLM from the vendor base image; their wheelhouse is filled on the chip's build host
-    "vllm": EngineBuild(wheels=lambda log: [], flags={}),
+    "vllm": EngineBuild(wheels=lambda project_dir, log: [], flags={}),
 }
 
 
@@ -99,7 +97,7 @@ def build_release_image(plan: Plan, kernels: KernelArtifacts, client: docker.Doc
     engine = ENGINE_BUILDS[plan.chip.serve.engine]
     debootstrap = plan.chip.base_debootstrap
     base = ensure_base_image(client, plan.chip.name, debootstrap, log) if debootstrap else plan.chip.base_image
-    context = assemble_context(plan, kernels, base, engine.wheels(log), context_dir, project_dir, engine.flags)
+    context = assemble_context(plan, kernels, base, engine.wheels(project_dir, log), context_dir, project_dir, engine.flags)
     log(f"build context for {repository}:{version} rendered in {context.path}")
     if not debootstrap:
         require_base_image(client, plan.chip.name, base, context.path)

@@ -1,5 +1,7 @@
-"""Wheels for the CPU serving image, built or downloaded on the host once and installed in the image offline
-(inside `docker build` the package index is unreachable over TLS; see ../shared/notes/cpu-image.md)."""
+"""Wheels downloaded or built on the host once per machine: the image wheelhouse (the `kernels` and `engine`
+extras of pyproject.toml for the image's Python, installed offline inside `docker build`, where the package index
+is unreachable over TLS; see ../shared/notes/cpu-image.md), and llama.cpp's server for this environment only (the
+evaluate tests' quantised control stacks; no image ships it)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from pathlib import Path
 
 from flows.build.cache import complete_entry, entry_key, publish_entry, staging_entry
 from flows.errors import FlagReleaseError
+from flows.plan import image_requirements
 
 LLAMA_CPP = "llama-cpp-python==0.3.36"
 # Portable: the default build tunes for the build machine's CPU and dies with SIGILL on others.
@@ -45,17 +48,28 @@ def llama_cpp_wheel(log: Callable[[str], None] = print) -> Path:
 
 
 def server_wheelhouse(log: Callable[[str], None] = print) -> Path:
-    """Every other wheel the CPU image needs, for the image's Python, downloaded once per requirement set."""
-    recipe = {"requirements": sorted(SERVER_REQUIREMENTS), "python": TARGET_PYTHON[0]}
-    key = entry_key("server-wheelhouse", recipe)
+    """llama.cpp's server requirements, for this environment's Python, downloaded once per requirement set."""
+    return _wheelhouse("server-wheelhouse", list(SERVER_REQUIREMENTS), log)
+
+
+def image_wheelhouse(project_dir: Path, log: Callable[[str], None] = print) -> list[Path]:
+    """Every wheel the image installs: pyproject's image extras and their dependencies, for the image's Python."""
+    pins = [f"{name}=={version}" for name, version in image_requirements(project_dir).items()]
+    return sorted(_wheelhouse("image-wheelhouse", pins, log).glob("*.whl"))
+
+
+def _wheelhouse(kind: str, requirements: list[str], log: Callable[[str], None]) -> Path:
+    recipe = {"requirements": sorted(requirements), "python": TARGET_PYTHON[0]}
+    key = entry_key(kind, recipe)
     done = complete_entry(key)
     if done is None:
-        log(f"downloading {len(SERVER_REQUIREMENTS)} pinned requirements and their dependencies for Python {TARGET_PYTHON[0]}")
+        log(f"downloading {len(requirements)} pinned requirements and their dependencies for Python "
+            f"{TARGET_PYTHON[0]} ({kind}, once per machine)")
         staging = staging_entry(key)
         _pip(["download", "--only-binary=:all:", "--python-version", TARGET_PYTHON[0], "--implementation", "cp",
               "--platform", "manylinux_2_28_x86_64", "--platform", "manylinux_2_17_x86_64",
-              "--platform", "manylinux2014_x86_64", "--platform", "any", "-d", str(staging), *SERVER_REQUIREMENTS],
-             dict(os.environ), "downloading the server wheelhouse")
+              "--platform", "manylinux2014_x86_64", "--platform", "any", "-d", str(staging), *requirements],
+             dict(os.environ), f"downloading the {kind}")
         done = publish_entry(key, staging, recipe)
     return done
 

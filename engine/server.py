@@ -1,0 +1,133 @@
+"""Start the engine: read the serve configuration, switch operators per `USE_FLAGGEMS` / `FLAGOS_OPS`, then run
+transformers' OpenAI server with two routes of ours: `GET /flagos/operators` (the operator report) and a
+`GET /v1/models` that lists the served name. A setting the engine cannot honour stops it before it serves,
+with one line naming the setting (exit 2)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from engine.checkpoint import architecture_of, servable
+from engine.operators import OPERATORS, EngineError, Operators, install
+
+SWITCH = "USE_FLAGGEMS"
+SWITCH_VALUES = {"1": True, "true": True, "0": False, "false": False}
+OPS_VARIABLE = "FLAGOS_OPS"  # comma-separated subset of our operators (default: all); for diagnosis
+FAULT_VARIABLE = "FLAGOS_FAULT"
+log = logging.getLogger("flagos.engine")
+
+
+class ServeConfig(BaseModel):
+    """The image's serve configuration (rendered from templates/serve/transformers.json.j2)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    host: str = "0.0.0.0"
+    port: int = Field(ge=1, le=65535)
+    served_name: str
+    model_dir: Path
+    cache_dir: Path = Path(tempfile.gettempdir()) / "flagos-checkpoints"
+    device: str = "auto"
+    dtype: str = "auto"
+    continuous_batching: bool = True
+    cb_max_batch_tokens: int | None = None
+
+
+def switch_from_env(environ: dict[str, str]) -> bool:
+    value = environ.get(SWITCH, "0").strip().lower()
+    if value not in SWITCH_VALUES:
+        raise EngineError(f"{SWITCH}={environ[SWITCH]!r} is not a switch; allowed: 0, 1, true, false")
+    return SWITCH_VALUES[value]
+
+
+def operators_from_env(environ: dict[str, str]) -> Operators:
+    """The native stack switches nothing on; the FlagOS stack every operator, or the FLAGOS_OPS subset."""
+    if not switch_from_env(environ):
+        return Operators(set(), mode="native")
+    chosen = environ.get(OPS_VARIABLE, "").strip()
+    enabled = {name.strip() for name in chosen.split(",") if name.strip()} if chosen else set(OPERATORS)
+    interpreted = environ.get("TRITON_INTERPRET", "0") == "1"
+    return Operators(enabled, fault=environ.get(FAULT_VARIABLE) or None,
+                     mode="interpreted" if interpreted else "compiled")
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for package in ("transformers", "torch", "triton", "fastapi", "uvicorn"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = "not installed"
+    return found
+
+
+def report(config: ServeConfig, architecture: str, operators: Operators, device: str) -> dict[str, Any]:
+    return {"engine": "transformers-serve", "versions": versions(), "served_name": config.served_name,
+            "architecture": architecture, "device": device, "dtype": config.dtype, **operators.report()}
+
+
+def _with_flagos_routes(build_server, describe):
+    """Wrap transformers' app factory: our routes go first, so `/v1/models` lists the served name."""
+
+    def build(*args, **kwargs):
+        from fastapi.responses import JSONResponse
+
+        app = build_server(*args, **kwargs)
+        app.router.routes[:] = [r for r in app.router.routes if getattr(r, "path", None) != "/v1/models"]
+
+        @app.get("/flagos/operators")
+        def operators_route():
+            return JSONResponse(describe())
+
+        @app.get("/v1/models")
+        def models_route():
+            name = describe()["served_name"]
+            return JSONResponse({"object": "list", "data": [{"id": name, "object": "model", "owned_by": "flagos"}]})
+
+        return app
+
+    return build
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m engine", description=__doc__)
+    parser.add_argument("--config", type=Path, required=True, help="serve configuration (JSON)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s flagos-engine %(message)s")
+    try:
+        config = ServeConfig.model_validate_json(args.config.read_text())
+        operators = operators_from_env(dict(os.environ))
+        model_dir = servable(config.model_dir, config.cache_dir, log.info)
+        architecture, model_config = architecture_of(model_dir)
+        install(architecture, operators, model_config)
+    except (OSError, ValidationError, EngineError) as exc:
+        print(f"flagos-engine: error: {exc}", file=sys.stderr)
+        return 2
+    import torch
+    from transformers.cli.serving import server as serving_server
+    from transformers.cli.serve import Serve
+
+    device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    log.info("operators: %s", json.dumps(report(config, architecture, operators, device)))
+    serving_server.build_server = _with_flagos_routes(
+        serving_server.build_server, lambda: report(config, architecture, operators, device))
+    # transformers serve pins the model by the name requests use; a link of that name in the working folder
+    # points it at the checkpoint, so clients ask for the served name, as with vLLM's --served-model-name
+    workdir = Path(tempfile.mkdtemp(prefix="flagos-serve-"))
+    (workdir / config.served_name).symlink_to(model_dir.resolve(), target_is_directory=True)
+    os.chdir(workdir)
+    Serve(force_model=config.served_name, continuous_batching=config.continuous_batching, device=device,
+          dtype=config.dtype, host=config.host, port=config.port, log_level="warning",
+          cb_max_batch_tokens=config.cb_max_batch_tokens)
+    return 0
