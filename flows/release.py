@@ -113,7 +113,7 @@ def evaluate_stage(plan: Plan, image: ImageRef, weights: WeightsManifest, settin
     logger = get_run_logger()
     outputs = settings.release_dir(plan.release, plan.fingerprint)
     candidate, reference = image_sources(plan, image.by_digest, Path(weights.folder), settings.candidate_url,
-                                         settings.reference_url)
+                                         settings.reference_url, settings.engine_cache_dir, settings.candidate_env)
     needs_engine = candidate.serve is not None or (reference is not None and reference.serve is not None)
     client = None
     if needs_engine:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import jinja2
 
+from flows.evaluate.operators import OperatorUse
 from flows.evaluate.stage import EvaluationReport
 from flows.plan import Plan
 from kernels.report import consistency_markdown
@@ -39,5 +40,14 @@ def evaluation_table(report: EvaluationReport) -> list[dict[str, str]]:
             "delta (pp)": f"{-gate.drop * 100:+.2f}" if gate else "n/a",
             "95% CI of drop (pp)": f"[{gate.ci_low * 100:+.2f}, {gate.ci_high * 100:+.2f}]" if gate else "n/a",
             "verdict": outcome.verdict.value + ("" if outcome.gated else " (not gated)"),
+            "FlagOS operator calls": _calls(outcome.operators.get("flagos")),
+            "native operator calls": _calls(outcome.operators.get("native")),
         })
     return rows
+
+
+def _calls(use: OperatorUse | None) -> str:
+    if use is None:
+        return "no report"
+    ran = [f"{o.name} {o.calls}" for o in use.operators if o.calls]
+    return ", ".join(ran) if ran else "none"

@@ -33,7 +33,15 @@ class Settings(BaseSettings):
     candidate_url: str | None = Field(default=None, description="an already-running FlagOS endpoint (OpenAI base URL "
                                       "ending in /v1) to evaluate instead of starting the image here (chip hosts)")
     reference_url: str | None = Field(default=None, description="an already-running native endpoint to compare with")
-    eval_concurrency: int = Field(default=4, ge=1, le=256)
+    candidate_env: dict[str, str] = Field(default_factory=dict, description="extra environment of the FlagOS "
+                                          "container (JSON object), for diagnosis: e.g. FLAGOS_OPS to switch a subset "
+                                          "of our operators, FLAGOS_FAULT for the must-fail control; recorded in the "
+                                          "stack's identity and the report")
+    engine_cache_dir: Path = Field(default_factory=lambda: cache_root() / "engine",
+                                   description="the engine's writable cache, mounted into served stacks (one-time "
+                                   "GGUF conversions, keyed by the file's sha256)")
+    eval_concurrency: int = Field(default=64, ge=1, le=256, description="requests in flight per stack; the engine "
+                                  "batches what arrives together (continuous batching)")
     serve_timeout_s: float = Field(default=300.0, gt=0, description="how long a served stack may take to answer /v1/models")
     hub_org: str = Field(default="FlagRelease", description="organisation of the hub repos the cards are pushed to")
     registry_override: str | None = Field(default=None, description="host:port that replaces the registry of every "

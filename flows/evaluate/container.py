@@ -15,7 +15,7 @@ from pathlib import Path
 import docker
 import requests
 
-from flows.build.context import MODEL_MOUNT
+from flows.build.context import CACHE_MOUNT, MODEL_MOUNT
 from flows.errors import FlagReleaseError
 from flows.runflags import run_options
 
@@ -34,6 +34,7 @@ class ServeRequest:
     port: int
     flags: list[str]
     environment: dict[str, str]
+    cache: Path | None = None  # mounted read-write at the image's cache path
 
 
 @contextmanager
@@ -44,6 +45,9 @@ def served(client: docker.DockerClient, request: ServeRequest, log: Callable[[st
     options.setdefault("environment", {}).update(request.environment)
     host_network = options.get("network_mode") == "host"
     volumes = [*options.pop("volumes", []), f"{request.weights}:{MODEL_MOUNT}:ro"]
+    if request.cache is not None:
+        request.cache.mkdir(parents=True, exist_ok=True)
+        volumes.append(f"{request.cache}:{CACHE_MOUNT}")
     ports = {} if host_network else {f"{request.port}/tcp": ("127.0.0.1", None)}
     _remove_stale(client, request.name)
     container = client.containers.run(request.image, name=request.name, detach=True, volumes=volumes, ports=ports,

@@ -22,6 +22,7 @@ from flows.evaluate.benchmarks import BenchmarkDefinition, DatasetUnavailable, I
 from flows.evaluate.client import ItemResult, ask_stack
 from flows.evaluate.container import ServeRequest, served
 from flows.evaluate.gate import BenchmarkGate, Verdict, gate_results, holm_fail, suite_verdict
+from flows.evaluate.operators import OperatorUse, StackRefused, check_switch, operator_report, usage
 from flows.evaluate.perf import PerfPoint, measure_serving
 from flows.evaluate.store import ReferenceUnavailable, ResultKey, ResultStore, Stack, prompts_digest, stack_description
 from flows.errors import FlagReleaseError
@@ -52,6 +53,7 @@ class BenchmarkOutcome(BaseModel):
     gate: BenchmarkGate | None
     unavailable: str | None = None
     note: str | None = None
+    operators: dict[str, OperatorUse] = {}  # role -> what its engine ran while answering this benchmark
 
     @property
     def verdict(self) -> Verdict:
@@ -84,6 +86,14 @@ class EvaluationReport(BaseModel):
     perf: list[StackPerf]
     perf_verdict: Verdict | None
     operators: list[OpResult]
+
+    def operator_use(self, role: str) -> OperatorUse | None:
+        """One stack's operator calls summed over the suite, with its engine (None: it answered nothing here)."""
+        uses = [o.operators[role] for o in self.outcomes if role in o.operators]
+        total = uses[0] if uses else None
+        for use in uses[1:]:
+            total = total.plus(use)
+        return total
 
     @property
     def passed(self) -> bool:
@@ -144,11 +154,15 @@ class Evaluation:
     operators: list[OpResult]
     concurrency: int = 4
     perf_concurrencies: tuple[int, ...] = (1, 4)
+    # Off only where the stacks are not FlagOS engines by design (the gate's quantisation controls in tests)
+    verify_operators: bool = True
 
 
-def image_sources(plan: Plan, image: str, weights: Path, candidate_url: str | None,
-                  reference_url: str | None) -> tuple[StackSource, StackSource | None]:
-    """The two sides of a release's comparison, as the matrix and the settings describe them."""
+def image_sources(plan: Plan, image: str, weights: Path, candidate_url: str | None, reference_url: str | None,
+                  cache: Path | None = None, candidate_env: dict[str, str] | None = None
+                  ) -> tuple[StackSource, StackSource | None]:
+    """The two sides of a release's comparison, as the matrix and the settings describe them; `candidate_env`
+    adds to the FlagOS container's environment (diagnosis), which is part of the stack's identity."""
     serve = plan.chip.serve
     name = f"flagrelease-eval-{plan.release}-{plan.short_fingerprint}"
 
@@ -156,12 +170,12 @@ def image_sources(plan: Plan, image: str, weights: Path, candidate_url: str | No
         if url is not None:
             return StackSource(Stack(role=role, release=plan.release, served_by=url), url=url)
         request = ServeRequest(image=image, name=f"{name}-{role}", weights=weights, port=serve.port,
-                               flags=plan.chip.docker_run_flags, environment=environment)
+                               flags=plan.chip.docker_run_flags, environment=environment, cache=cache)
         content = image.rpartition("@")[2]  # the digest: the same image behind another registry is the same stack
         return StackSource(Stack(role=role, release=plan.release, served_by=stack_description(content, environment)),
                            serve=request)
 
-    candidate = side("flagos", serve.flagos_env, candidate_url)
+    candidate = side("flagos", {**serve.flagos_env, **(candidate_env or {})}, candidate_url)
     if reference_url is None and plan.reference != NATIVE_REFERENCE:
         return candidate, None
     return candidate, side("native", serve.native_env, reference_url)
@@ -218,9 +232,10 @@ def _evaluate_one(evaluation: Evaluation, stacks: Stacks, name: str, benchmark: 
     note = None
     while True:
         try:
-            reference = _reference_results(evaluation, stacks, key, items, definition, repeats, log)
-            candidate = _results(evaluation, stacks, evaluation.candidate, key, items, definition, repeats, log)
-        except (ReferenceUnavailable, StackFailed) as exc:
+            reference, reference_use = _reference_results(evaluation, stacks, key, items, definition, repeats, log)
+            candidate, candidate_use = _results(evaluation, stacks, evaluation.candidate, key, items, definition,
+                                                repeats, log)
+        except (ReferenceUnavailable, StackFailed, StackRefused) as exc:
             log(str(exc))
             return BenchmarkOutcome(benchmark=name, gated=benchmark.gated, repeats=repeats, gate=None,
                                     unavailable=str(exc))
@@ -237,42 +252,63 @@ def _evaluate_one(evaluation: Evaluation, stacks: Stacks, name: str, benchmark: 
         log(f"{name}: INCONCLUSIVE, asking again with {repeats} repeats (cap {cap})")
     if gate.verdict == Verdict.INCONCLUSIVE and repeats >= cap and cap > benchmark.repeats:
         note = f"still INCONCLUSIVE at the repeat cap ({cap})"
-    return BenchmarkOutcome(benchmark=name, gated=benchmark.gated, repeats=repeats, gate=gate, note=note)
+    uses = {role: use for role, use in (("native", reference_use), ("flagos", candidate_use)) if use is not None}
+    return BenchmarkOutcome(benchmark=name, gated=benchmark.gated, repeats=repeats, gate=gate, note=note,
+                            operators=uses)
+
+
+Answers = tuple[list[ItemResult], OperatorUse | None]
 
 
 def _reference_results(evaluation: Evaluation, stacks: Stacks, key: ResultKey, items: list[Item],
-                       definition: BenchmarkDefinition, repeats: int, log: Callable[[str], None]) -> list[ItemResult]:
+                       definition: BenchmarkDefinition, repeats: int, log: Callable[[str], None]) -> Answers:
     if evaluation.reference is not None:
         return _results(evaluation, stacks, evaluation.reference, key, items, definition, repeats, log)
-    stack, stored = evaluation.store.reference(key, evaluation.plan.reference)
+    stack, stored, use = evaluation.store.reference(key, evaluation.plan.reference)
     have = {r.repeat for r in stored}
     if not set(range(repeats)) <= have:
         raise ReferenceUnavailable(f"{key.benchmark}: the stored native results from {stack.release!r} have "
                                    f"{len(have)} repeat(s); {repeats} are needed. Re-run `flagrelease run {stack.release}`")
+    if evaluation.verify_operators and (use is None or use.flagos or use.calls):
+        raise StackRefused(f"{key.benchmark}: the stored native results from {stack.release!r} do not show a native "
+                           f"stack (operator report: {'none' if use is None else f'{use.calls} calls of ours'}); "
+                           f"re-run `flagrelease run {stack.release}`")
     log(f"{key.benchmark}: native results from {stack.release} ({stack.served_by})")
-    return [r for r in stored if r.repeat < repeats]
+    return [r for r in stored if r.repeat < repeats], use
 
 
 def _results(evaluation: Evaluation, stacks: Stacks, source: StackSource, key: ResultKey, items: list[Item],
-             definition: BenchmarkDefinition, repeats: int, log: Callable[[str], None]) -> list[ItemResult]:
-    """This side's results for repeats 0..repeats-1: stored ones reused, the missing ones asked and stored."""
-    stored = evaluation.store.load(key, source.stack) or []
+             definition: BenchmarkDefinition, repeats: int, log: Callable[[str], None]) -> Answers:
+    """This side's results for repeats 0..repeats-1: stored ones reused, the missing ones asked and stored, each
+    span of asking bracketed by the engine's operator report (checked against the stack's role)."""
+    role = source.stack.role
+    stored, use = evaluation.store.load(key, source.stack) or ([], None)
+    if evaluation.verify_operators and use is None:
+        stored = []  # answers without an operator report prove nothing about what ran: ask again
     missing = sorted(set(range(repeats)) - {r.repeat for r in stored})
     if missing:
         url = stacks.url(source)
-        log(f"{key.benchmark}: asking the {source.stack.role} stack {len(items)} items x {len(missing)} repeat(s)")
+        before = operator_report(url) if evaluation.verify_operators else None
+        if evaluation.verify_operators:
+            check_switch(role, before)
+        log(f"{key.benchmark}: asking the {role} stack {len(items)} items x {len(missing)} repeat(s)")
         asked = ask_stack(url, evaluation.plan.model.served_name, items, definition, repeats=missing,
                           concurrency=evaluation.concurrency)
         errors = [r for r in asked if r.error]
         if errors:
-            raise StackFailed(f"{key.benchmark}: {len(errors)} of {len(asked)} request(s) to the {source.stack.role} "
+            raise StackFailed(f"{key.benchmark}: {len(errors)} of {len(asked)} request(s) to the {role} "
                               f"stack failed after retries (first: {errors[0].error}); its answers are not stored "
                               "and the benchmark cannot be gated")
+        if evaluation.verify_operators:
+            span = usage(before, operator_report(url), role)
+            use = span if use is None else span.plus(use)
+            log(f"{key.benchmark}: {role} stack ran our operators {use.calls} times "
+                f"({', '.join(f'{o.name} {o.calls}' for o in use.operators if o.calls) or 'none'})")
         stored = stored + asked
-        evaluation.store.save(key, source.stack, stored)
+        evaluation.store.save(key, source.stack, stored, use)
     else:
-        log(f"{key.benchmark}: {source.stack.role} results reused from the store ({len(stored)} answers)")
-    return [r for r in stored if r.repeat < repeats]
+        log(f"{key.benchmark}: {role} results reused from the store ({len(stored)} answers)")
+    return [r for r in stored if r.repeat < repeats], use
 
 
 def _perf(evaluation: Evaluation, stacks: Stacks, source: StackSource, log: Callable[[str], None]) -> list[PerfPoint]:

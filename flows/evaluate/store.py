@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict
 
 from flows.errors import FlagReleaseError
 from flows.evaluate.client import ItemResult, read_results, write_results
+from flows.evaluate.operators import OperatorUse
 from flows.evaluate.perf import PerfPoint
 from flows.files import write_atomic, write_model
 
@@ -65,6 +66,7 @@ class StoredResults(BaseModel):
     key: ResultKey
     stack: Stack
     items: int
+    operators: OperatorUse | None = None  # what the stack's engine reported running while it answered
 
 
 def prompts_digest(prompt_hashes: list[str]) -> str:
@@ -78,19 +80,21 @@ class ResultStore:
     def _folder(self, key: ResultKey) -> Path:
         return self.root / key.model / key.benchmark
 
-    def save(self, key: ResultKey, stack: Stack, results: list[ItemResult]) -> Path:
+    def save(self, key: ResultKey, stack: Stack, results: list[ItemResult], operators: OperatorUse | None = None) -> Path:
         """Results first, then the record that names them: a record always points at complete results."""
         stem = self._folder(key) / f"{key.digest}-{stack.digest}"
         write_results(results, stem.with_suffix(".jsonl"))
-        write_model(stem.with_suffix(".json"), StoredResults(key=key, stack=stack, items=len(results)))
+        write_model(stem.with_suffix(".json"), StoredResults(key=key, stack=stack, items=len(results),
+                                                             operators=operators))
         return stem.with_suffix(".jsonl")
 
-    def load(self, key: ResultKey, stack: Stack) -> list[ItemResult] | None:
-        """The results this exact stack gave for this key, if they were recorded completely."""
+    def load(self, key: ResultKey, stack: Stack) -> tuple[list[ItemResult], OperatorUse | None] | None:
+        """The results this exact stack gave for this key (and its operator use), if recorded completely."""
         stem = self._folder(key) / f"{key.digest}-{stack.digest}"
-        return self._complete(stem)
+        results = self._complete(stem)
+        return None if results is None else (results, self._record(stem).operators)
 
-    def reference(self, key: ResultKey, release: str) -> tuple[Stack, list[ItemResult]]:
+    def reference(self, key: ResultKey, release: str) -> tuple[Stack, list[ItemResult], OperatorUse | None]:
         """Native results for this key recorded by `release`; a named error showing the differing key fields when
         only results under other keys exist."""
         records = [(path, StoredResults.model_validate_json(path.read_text()))
@@ -101,7 +105,7 @@ class ResultStore:
             if record.key == key:
                 results = self._complete(path.with_suffix(""))
                 if results is not None:
-                    return record.stack, results
+                    return record.stack, results, record.operators
         if not native:
             raise ReferenceUnavailable(
                 f"{key.benchmark}: no stored native results of {key.model} from release {release!r} in {self._folder(key)}; "
@@ -122,13 +126,15 @@ class ResultStore:
         return [PerfPoint.model_validate(p) for p in json.loads(path.read_text())] if path.exists() else None
 
     @staticmethod
-    def _complete(stem: Path) -> list[ItemResult] | None:
-        record_path, results_path = stem.with_suffix(".json"), stem.with_suffix(".jsonl")
-        if not (record_path.exists() and results_path.exists()):
+    def _record(stem: Path) -> StoredResults:
+        return StoredResults.model_validate_json(stem.with_suffix(".json").read_text())
+
+    @classmethod
+    def _complete(cls, stem: Path) -> list[ItemResult] | None:
+        if not (stem.with_suffix(".json").exists() and stem.with_suffix(".jsonl").exists()):
             return None
-        record = StoredResults.model_validate_json(record_path.read_text())
-        results = read_results(results_path)
-        return results if len(results) == record.items else None
+        results = read_results(stem.with_suffix(".jsonl"))
+        return results if len(results) == cls._record(stem).items else None
 
 
 def stack_description(image: str, environment: dict[str, str]) -> str:

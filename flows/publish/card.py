@@ -16,7 +16,9 @@ from pydantic import BaseModel, ConfigDict
 from flows.build.context import MODEL_MOUNT
 from flows.build.image import ImageRef
 from flows.errors import FlagReleaseError
+from flows.evaluate.operators import OperatorUse
 from flows.evaluate.stage import EvaluationReport
+from flows.matrix import NATIVE_REFERENCE
 from flows.plan import Plan
 from flows.weights.manifest import WeightsManifest
 
@@ -66,6 +68,12 @@ class CardData(BaseModel):
     items_note: str
     operators: list[str]
     operator_summary: str
+    image_contents: str
+    kernels_note: str
+    operators_ran: str
+    engine_version: str
+    torch_version: str
+    triton_version: str
     driver_version: str
     docker_version: str
     os: str
@@ -137,10 +145,30 @@ def score_rows(report: EvaluationReport) -> list[ScoreRow]:
         if gate is None:
             continue  # the report would not have passed with a gated benchmark missing; an ungated one is left out
         rows.append(ScoreRow(metric=outcome.benchmark.upper(), reference=f"{gate.native_accuracy:.3f}",
-                             flagos=f"{gate.flagos_accuracy:.3f}", delta=f"{-gate.drop * 100 + 0.0:+.2f}",
+                             flagos=f"{gate.flagos_accuracy:.3f}", delta=f"{gate.drop * 100 + 0.0:+.2f}",
                              bounds=f"[{gate.ci_low * 100:+.2f}, {gate.ci_high * 100:+.2f}]",
                              verdict=outcome.verdict.value + ("" if outcome.gated else " (not gated)")))
     return rows
+
+
+def kernels_note(plan: Plan, use: OperatorUse) -> str:
+    """How the FlagOS stack ran our kernels, as its engine reported it while it was evaluated."""
+    if use.mode == "interpreted":
+        return "on this chip they run under Triton's CPU interpreter, so nothing is compiled"
+    if plan.chip.triton.aot_targets:
+        return f"they are compiled ahead of time for {', '.join(plan.chip.triton.aot_targets)} in the image's builder stage"
+    return "Triton compiles them when they are first launched"
+
+
+def operators_ran(flagos: OperatorUse, native: OperatorUse | None) -> str:
+    ran = [f"{o.name} ({o.calls:,} calls)" for o in flagos.operators if o.calls]
+    unused = [o.name for o in flagos.operators if o.not_used]
+    sentence = f"In the evaluation the FlagOS stack ran {', '.join(ran)}"
+    sentence += ("; the native stack ran none of them." if native is not None and native.calls == 0 else
+                 "; the reference results were recorded by another release's native stack.")
+    if unused:
+        sentence += f" This model has no place for {', '.join(unused)}."
+    return sentence
 
 
 def card_data(plan: Plan, image: ImageRef, image_config: dict, report: EvaluationReport, weights: WeightsManifest,
@@ -148,8 +176,13 @@ def card_data(plan: Plan, image: ImageRef, image_config: dict, report: Evaluatio
     labels = image_config.get("config", {}).get("Labels") or {}
     tools = {key.removeprefix("flagrelease.tool."): value for key, value in labels.items()
              if key.startswith("flagrelease.tool.")}
-    engine = plan.chip.serve.engine.replace("_", "-")
-    serving = f"{engine}-python {tools['llama-cpp-python']}" if "llama-cpp-python" in tools else engine
+    flagos = report.operator_use("flagos")
+    if flagos is None:
+        raise CardError(["the evaluation report has no operator report of the FlagOS stack: nothing shows that "
+                         "our kernels ran, so the card cannot say they did"])
+    versions = flagos.versions  # read from the running image by its engine, not copied from the chip profile
+    engine = plan.chip.serve.engine
+    serving = f"the FlagOS engine ({flagos.engine} of transformers {versions.get('transformers', 'unknown')})"
     commands, weights_dir = download_commands(plan, weights)
     port = plan.chip.serve.port
     base_url = f"http://127.0.0.1:{port}/v1"
@@ -164,11 +197,20 @@ def card_data(plan: Plan, image: ImageRef, image_config: dict, report: Evaluatio
         library_name="gguf" if plan.model.format == "gguf" else "transformers",
         tags=list(dict.fromkeys(["flagos", plan.chip.name, plan.chip.vendor.lower(), engine, "text-generation"])),
         accelerator=plan.chip.accelerator, vendor=plan.chip.vendor,
-        reference_label=f"{plan.model.display_name} on the native {reference_vendor} stack",
+        reference_label=(f"{plan.model.display_name} on the same image and engine with our operators switched off "
+                         f"({' '.join(f'{k}={v}' for k, v in plan.chip.serve.native_env.items())})"
+                         if plan.reference == NATIVE_REFERENCE else
+                         f"{plan.model.display_name} on the native {reference_vendor} stack"),
         reference_column=f"{plan.model.display_name}-{reference_vendor}-native",
         scores=score_rows(report), items_note=", ".join(
             f"{o.benchmark.upper()} {o.gate.items} items x {o.repeats}" for o in report.outcomes if o.gate),
         operators=operator_names or ["none recorded"],
+        image_contents=(f"{serving} with PyTorch {versions.get('torch', 'unknown')}, Triton "
+                        f"{versions.get('triton', 'unknown')} and our Triton kernels, switched on by USE_FLAGGEMS=1"),
+        kernels_note=kernels_note(plan, flagos),
+        operators_ran=operators_ran(flagos, report.operator_use("native")),
+        engine_version=f"{flagos.engine} (transformers {versions.get('transformers', 'unknown')})",
+        torch_version=versions.get("torch", "unknown"), triton_version=versions.get("triton", "unknown"),
         operator_summary=(f"{passed} of {len(report.operators)} operator checks matched their references "
                           f"(largest absolute error {worst:.3g})." if report.operators
                           else "no operator checks were recorded for this build."),

@@ -72,19 +72,30 @@ def test_gpu_images_compile_the_kernels_in_a_builder_stage_at_the_runtime_path()
 def test_cpu_image_orders_layers_from_heavy_to_light():
     plan = plan_of("smollm2-cpu")
     steps = [kind + " " + value.split()[0] for kind, value in instructions(render_dockerfile(plan, "base:1", PROJECT_DIR))]
-    assert steps.index("COPY wheels/") < steps.index("RUN python3") < steps.index("COPY kernels/") < steps.index("COPY serve/")
+    assert (steps.index("COPY wheels/") < steps.index("RUN python3") < steps.index("COPY kernels/")
+            < steps.index("COPY engine/") < steps.index("COPY serve/"))
+
+
+def test_the_cpu_image_runs_the_engine_with_the_interpreter_and_no_switch_of_its_own():
+    steps = instructions(render_dockerfile(plan_of("smollm2-cpu"), "base:1", PROJECT_DIR))
+    env = " ".join(value for kind, value in steps if kind == "ENV")
+    assert "TRITON_INTERPRET=1" in env and "USE_FLAGGEMS" not in env  # the container's environment picks the stack
+    assert steps[-1] == ("CMD", f'["python3", "-m", "engine", "--config", "{FLAGOS_HOME}/serve/transformers.json"]')
 
 
 def test_serve_configurations_carry_the_served_name_port_and_mounted_weights():
     name, text = render_serve_config(plan_of("smollm2-cpu"), PROJECT_DIR)
     config = json.loads(text)
-    assert name == "llama_cpp.json" and config["port"] == 8000 and config["host"] == "0.0.0.0"
-    assert config["models"][0]["model_alias"] == "smollm2-135m-flagos"
-    assert config["models"][0]["model"] == "/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert name == "transformers.json" and config["port"] == 8000 and config["host"] == "0.0.0.0"
+    assert config["served_name"] == "smollm2-135m-flagos" and config["model_dir"] == "/models"
+    assert config["device"] == "cpu" and config["dtype"] == "float32" and config["continuous_batching"] is True
+    assert "threads" not in text  # nothing of the build host is baked into the image
     name, text = render_serve_config(plan_of("qwen3-iluvatar"), PROJECT_DIR)
-    engine = yaml.safe_load(text)["serve"][0]["engine_args"]
+    document = yaml.safe_load(text)
+    engine = document["serve"][0]["engine_args"]
     assert name == "vllm.yaml" and engine["served_model_name"] == "qwen3-30b-a3b-flagos" and engine["port"] == 8000
-    assert engine["model"] == "/models/Qwen3-30B-A3B" and engine["tensor_parallel_size"] == 1
+    assert engine["model"] == "/models" and engine["tensor_parallel_size"] == 1  # the path the weights are mounted at
+    assert "USE_FLAGGEMS" not in document["experiment"]["envs"]  # would override the native stack's USE_FLAGGEMS=0
 
 
 def test_a_missing_template_variable_names_it(tmp_path: Path):
@@ -101,6 +112,7 @@ def test_context_has_hashed_wheels_kernels_manifest_and_labels(tmp_path: Path):
     requirements = (context.path / "wheels" / "requirements.txt").read_text()
     assert requirements.startswith("demo_pkg==1.2.3 --hash=sha256:")
     assert sorted(p.name for p in (context.path / "kernels").iterdir()) == sorted(p.name for p in (PROJECT_DIR / "kernels").glob("*.py"))
+    assert {"server.py", "operators.py", "adapters.py", "architectures.yaml"} <= {p.name for p in (context.path / "engine").iterdir()}
     manifest = json.loads((context.path / "flagos" / "kernels-manifest.json").read_text())
     assert manifest["consistency"][0]["op"] == "rms_norm" and manifest["aot"] is None
     labels = context.labels

