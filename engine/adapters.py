@@ -45,10 +45,11 @@ def rotary_pos_emb(ops: Operators, original: Callable[..., Any]) -> Callable[...
     [cos half | sin half] table, so each token gets its own row of that table."""
 
     def apply(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1):
-        batch, seq, rot = cos.shape
-        tokens = batch * seq
+        batch, seq = q.shape[0], q.shape[3 - unsqueeze_dim]
+        tokens, rot = batch * seq, cos.shape[-1]
         half = rot // 2
-        table = torch.cat((cos[..., :half], sin[..., :half]), dim=-1).reshape(tokens, rot).to(q.dtype).contiguous()
+        halves = torch.cat((cos[..., :half], sin[..., :half]), dim=-1).expand(batch, seq, rot)  # cos may be batch 1
+        table = halves.reshape(tokens, rot).to(q.dtype).contiguous()
         positions = torch.arange(tokens, device=q.device)
 
         def token_major(x: torch.Tensor) -> torch.Tensor:

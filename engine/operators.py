@@ -124,15 +124,28 @@ class Operators:
                 "fault_description": FAULTS.get(self.fault or ""), "operators": rows}
 
 
+@dataclass
+class Installed:
+    """What `install` replaced, so a test process can put transformers back (an engine process never does)."""
+
+    replaced: list[tuple[Any, str, Any]] = field(default_factory=list)
+
+    def undo(self) -> None:
+        for owner, attribute, original in reversed(self.replaced):
+            setattr(owner, attribute, original)
+        self.replaced.clear()
+
+
 def install(architecture: str, operators: Operators, model_config: dict[str, Any],
-            architectures: dict[str, Architecture] | None = None) -> None:
+            architectures: dict[str, Architecture] | None = None) -> Installed:
     """Bind every switched-on operator into `architecture`'s modeling code, or refuse naming what cannot be bound."""
     from engine import adapters
 
     table = architectures if architectures is not None else load_architectures()
     wanted = [name for name in OPERATORS if operators.enabled(name)]
+    installed = Installed()
     if not wanted:
-        return
+        return installed
     spec = table.get(architecture)
     if spec is None:
         raise EngineError(f"architecture {architecture!r} has no FlagOS bindings (engine/architectures.yaml knows "
@@ -144,22 +157,23 @@ def install(architecture: str, operators: Operators, model_config: dict[str, Any
         wrong = {key: (model_config.get(key), value) for key, value in binding.requires.items()
                  if str(model_config.get(key)) != value}
         if wrong:
+            installed.undo()
             raise EngineError(f"{architecture}: {binding.target} cannot run {', '.join(binding.operators)}: "
                               + "; ".join(f"config {k} is {have!r}, the adapter needs {need!r}"
                                           for k, (have, need) in wrong.items()))
-        make = getattr(adapters, binding.adapter)
-        if binding.class_name:
-            owner = getattr(module, binding.class_name)
-            owner.forward = make(operators, owner.forward)
-        else:
-            setattr(module, binding.function, make(operators, getattr(module, binding.function)))
+        owner, attribute = (getattr(module, binding.class_name), "forward") if binding.class_name else (module, binding.function)
+        original = getattr(owner, attribute)
+        setattr(owner, attribute, getattr(adapters, binding.adapter)(operators, original))
+        installed.replaced.append((owner, attribute, original))
         for name in binding.operators:
             if operators.enabled(name):
                 operators.stats[name].bound_to.append(f"{spec.module}.{binding.target}")
     unbound = [name for name in wanted if not operators.stats[name].bound_to and name not in spec.not_used]
     if unbound:
+        installed.undo()
         raise EngineError(f"{architecture}: no binding for {', '.join(unbound)} (engine/architectures.yaml); "
                           "switch them off with FLAGOS_OPS or add a binding")
     for name in wanted:
         if not operators.stats[name].bound_to:
             operators.stats[name].not_used = spec.not_used[name]
+    return installed

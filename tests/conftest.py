@@ -32,7 +32,8 @@ if not torch.cuda.is_available():
 from flows.settings import Settings  # noqa: E402  (after the Prefect environment above)
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
-TIER_BY_FOLDER = {"unit": "unit", "kernels": "unit", "weights": "unit", "evaluate": "services", "services": "services",
+TIER_BY_FOLDER = {"unit": "unit", "kernels": "unit", "weights": "unit", "engine": "services", "evaluate": "services",
+                  "services": "services",
                   "e2e": "e2e", "faults": "faults"}
 
 
