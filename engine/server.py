@@ -40,6 +40,7 @@ class ServeConfig(BaseModel):
     dtype: str = "auto"
     continuous_batching: bool = True
     cb_max_batch_tokens: int | None = None
+    cb_max_memory_percent: float | None = None
 
 
 def switch_from_env(environ: dict[str, str]) -> bool:
@@ -129,5 +130,5 @@ def main(argv: list[str] | None = None) -> int:
     os.chdir(workdir)
     Serve(force_model=config.served_name, continuous_batching=config.continuous_batching, device=device,
           dtype=config.dtype, host=config.host, port=config.port, log_level="warning",
-          cb_max_batch_tokens=config.cb_max_batch_tokens)
+          cb_max_batch_tokens=config.cb_max_batch_tokens, cb_max_memory_percent=config.cb_max_memory_percent)
     return 0

@@ -160,6 +160,10 @@ class ServeSpec(Strict):
     tensor_parallel_size: int = Field(default=1, ge=1)
     device: Text = Field(default="auto", description="transformers engine: torch device (auto: cuda when present)")
     dtype: Text = Field(default="auto", description="transformers engine: torch dtype of the served weights")
+    batch_tokens: int | None = Field(default=None, ge=64, description="transformers engine: tokens per continuous "
+                                     "batching step (its attention mask grows with the square of it)")
+    cache_memory_fraction: float | None = Field(default=None, gt=0, le=1, description="transformers engine: share "
+                                                "of free memory the paged KV cache may take")
     flagos_env: dict[str, str] = Field(default_factory=lambda: {"USE_FLAGGEMS": "1"},
                                        description="environment of the FlagOS stack (our kernels on)")
     native_env: dict[str, str] = Field(default_factory=lambda: {"USE_FLAGGEMS": "0"},

@@ -77,7 +77,8 @@ def render_serve_config(plan: Plan, project_dir: Path) -> tuple[str, str]:
     text = render(project_dir / "templates" / "serve", f"{config}.j2", port=serve.port,
                   served_name=plan.model.served_name, model_path=MODEL_MOUNT, model_mount=MODEL_MOUNT,
                   cache_mount=CACHE_MOUNT, serve_name=serve_name(plan), tensor_parallel_size=serve.tensor_parallel_size,
-                  triton_cache=TRITON_CACHE, device=serve.device, dtype=serve.dtype)
+                  triton_cache=TRITON_CACHE, device=serve.device, dtype=serve.dtype, batch_tokens=serve.batch_tokens,
+                  cache_memory_fraction=serve.cache_memory_fraction)
     return config, text
 
 

@@ -1,7 +1,8 @@
 """Serving performance next to accuracy: output tokens/s and time to first token at a few concurrencies.
 
-Streaming chat requests with a fixed prompt set and `max_tokens`; output tokens come from the stream's usage block
-when the server sends one, else one per content chunk (llama.cpp and vLLM stream a token per chunk).
+Streaming chat requests with a fixed prompt set and `max_tokens`; output tokens are counted one per content chunk
+(transformers serve, llama.cpp and vLLM stream a token per chunk; `stream_options` is not sent because transformers
+serve refuses it).
 Not gated by default; a suite's `perf_min_ratio` gates every concurrency on FlagOS/native throughput.
 """
 
@@ -35,20 +36,18 @@ async def _measure(base_url: str, model: str, concurrency: int, requests_per_lev
     async def one(index: int) -> tuple[float, int] | None:
         async with gate:
             started = time.perf_counter()
-            first, tokens, usage = None, 0, None
+            first, tokens = None, 0
             try:
                 stream = await client.chat.completions.create(
                     model=model, messages=[{"role": "user", "content": PROMPTS[index % len(PROMPTS)]}],
-                    max_tokens=max_tokens, temperature=0.0, stream=True, stream_options={"include_usage": True})
+                    max_tokens=max_tokens, temperature=0.0, stream=True)
                 async for chunk in stream:
-                    if chunk.usage is not None:
-                        usage = chunk.usage.completion_tokens
                     if chunk.choices and chunk.choices[0].delta.content:
                         first = first or time.perf_counter() - started
                         tokens += 1
             except openai.OpenAIError:
                 return None
-            return (first if first is not None else time.perf_counter() - started), usage or tokens
+            return (first if first is not None else time.perf_counter() - started), tokens
 
     try:
         started = time.perf_counter()
@@ -63,6 +62,6 @@ async def _measure(base_url: str, model: str, concurrency: int, requests_per_lev
                      errors=len(outcomes) - len(done))
 
 
-def measure_serving(base_url: str, model: str, concurrencies: tuple[int, ...] = (1, 4), requests_per_level: int = 8,
-                    max_tokens: int = 32) -> list[PerfPoint]:
+def measure_serving(base_url: str, model: str, concurrencies: tuple[int, ...] = (4,), requests_per_level: int = 4,
+                    max_tokens: int = 16) -> list[PerfPoint]:
     return [asyncio.run(_measure(base_url, model, c, requests_per_level, max_tokens)) for c in concurrencies]

@@ -153,7 +153,7 @@ class Evaluation:
     reference: StackSource | None  # None: stored native results of the release named in plan.reference
     operators: list[OpResult]
     concurrency: int = 4
-    perf_concurrencies: tuple[int, ...] = (1, 4)
+    perf_concurrencies: tuple[int, ...] = (4,)  # interpreted kernels pay ~1 s a decode step: keep it short
     # Off only where the stacks are not FlagOS engines by design (the gate's quantisation controls in tests)
     verify_operators: bool = True
 
