@@ -79,6 +79,6 @@ def project_copy(tmp_path: Path) -> Path:
     root.mkdir()
     for name in ("releases.yaml", "pyproject.toml"):
         shutil.copy(PROJECT_DIR / name, root / name)
-    for name in ("images", "templates", "kernels", "locks"):
+    for name in ("images", "templates", "kernels", "engine", "locks"):
         shutil.copytree(PROJECT_DIR / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
     return root

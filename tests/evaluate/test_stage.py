@@ -29,12 +29,26 @@ def plan_with(suite: dict[str, Benchmark], reference: str = "native") -> Plan:
 
 
 def run(plan: Plan, store: Path, candidate: str, reference: str | None, lines: list[str],
-        benchmarks_file: Path = PROJECT_DIR / "benchmarks.yaml"):
+        benchmarks_file: Path = PROJECT_DIR / "benchmarks.yaml", verify_operators: bool = False):
+    """The stage over llama.cpp stacks: quantisation controls for the gate, not FlagOS engines, so their operator
+    reports are not asked for unless `verify_operators` (the release flow always asks)."""
     candidate_source, reference_source = image_sources(plan, "unused", Path("/nonexistent"), candidate, reference)
     evaluation = Evaluation(plan=plan, benchmarks_file=benchmarks_file, store=ResultStore(store),
                             candidate=candidate_source, reference=reference_source, operators=OPERATORS,
-                            perf_concurrencies=(1, 2))
+                            perf_concurrencies=(1, 2), verify_operators=verify_operators)
     return evaluate(evaluation, None, lines.append)
+
+
+def test_stacks_that_cannot_show_which_operators_ran_are_refused_before_any_request(two_stacks, tmp_path: Path):
+    native, candidate = two_stacks
+    lines: list[str] = []
+    report = run(plan_with({"arithmetic": Benchmark(margin_pp=3.0, limit=30)}), tmp_path, candidate, native, lines,
+                 verify_operators=True)
+    [outcome] = report.outcomes
+    assert report.verdict == Verdict.INCONCLUSIVE and not report.passed and outcome.gate is None
+    assert "the native stack serves no operator report (/flagos/operators)" in outcome.unavailable
+    assert not any("asking the" in line for line in lines)  # refused before a single benchmark request
+    assert not list(tmp_path.rglob("*.jsonl"))
 
 
 @pytest.fixture(scope="module")

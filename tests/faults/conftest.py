@@ -200,7 +200,7 @@ def bench(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bench]:
     project.mkdir()
     for name in ("releases.yaml", "pyproject.toml", "benchmarks.yaml"):
         shutil.copy(PROJECT_DIR / name, project / name)
-    for name in ("images", "templates", "kernels", "locks"):
+    for name in ("images", "templates", "kernels", "engine", "locks"):
         shutil.copytree(PROJECT_DIR / name, project / name, ignore=shutil.ignore_patterns("__pycache__"))
     matrix = (project / "releases.yaml").read_text()
     start = matrix.index("  cpu-smoke:\n")

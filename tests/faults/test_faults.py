@@ -8,10 +8,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import docker
@@ -24,7 +24,8 @@ from flows.publish.release import referrers
 from flows.registry import RegistryClient, Repository
 from flows.services import Services
 from tests.conftest import PROJECT_DIR
-from tests.evaluate.conftest import llama_server, requantized
+from tests.engine.conftest import engine_server
+from tests.evaluate.conftest import llama_server
 from tests.faults.conftest import (REPOSITORY, Bench, Proxy, blobs_complete, latest_digest, record, run_with_fault,
                                    weights_manifest_state)
 from tests.unit.test_matrix import JUNK, committed, leaf_paths, setter, write
@@ -42,18 +43,39 @@ def evaluation_of(bench: Bench) -> dict:
     return json.loads(report.read_text())
 
 
-def test_a_failing_gate_publishes_nothing(bench: Bench, smollm2_gguf: Path):
-    """The broken Q2_K stack answers as the candidate: the run fails at the gate, the report is written, nothing moves."""
-    registry = bench.registry("gate")
+def test_a_candidate_that_cannot_show_our_kernels_ran_is_refused(bench: Bench, smollm2_gguf: Path):
+    """llama.cpp's server answering as the FlagOS endpoint: it serves no operator report, so nothing shows our
+    kernels ran; the run fails before the candidate is asked, the report is written, nothing moves."""
+    registry = bench.registry("refused", None)
     host = f"127.0.0.1:{registry.registry_port}"
-    with llama_server(requantized(smollm2_gguf, "Q2_K"), alias="smollm2-135m-flagos") as broken:
-        state = bench.run(host, FLAGRELEASE_CANDIDATE_URL=broken)
+    with llama_server(smollm2_gguf, alias="smollm2-135m-flagos") as other_engine:
+        state = bench.run(host, FLAGRELEASE_CANDIDATE_URL=other_engine)
     report = evaluation_of(bench)
-    assert state.is_failed() and "is not published: arithmetic: FAIL" in state.message
-    assert report["verdict"] == "FAIL" and latest_digest(host) is None
-    record("failing gate (Q2_K candidate)", "run Failed, nothing published, report kept",
+    [outcome] = report["outcomes"]
+    assert state.is_failed() and "the flagos stack serves no operator report" in state.message
+    assert outcome["gate"] is None and report["verdict"] == "INCONCLUSIVE" and latest_digest(host) is None
+    record("candidate is not a FlagOS engine (llama.cpp URL)", "refused before it is asked, nothing published",
            f"{state.type.value}; report {report['verdict']}; latest {latest_digest(host)}", blobs_complete(host))
     SNAPSHOT["built"] = registry.state_dir / "registry" / "data"  # the image pushed, no release published
+
+
+def test_a_broken_integration_fails_the_gate_and_publishes_nothing(bench: Bench):
+    """The FlagOS stack of the real image with the engine passing [up, gate] to our SwiGLU kernel: the committed
+    kernels are untouched (the kernels stage passed them), the integration is wrong, the gate must FAIL."""
+    registry = bench.registry("integration", SNAPSHOT["built"])
+    host = f"127.0.0.1:{registry.registry_port}"
+    state = bench.run(host, FLAGRELEASE_CANDIDATE_ENV=json.dumps({"FLAGOS_FAULT": "gate-up-swapped"}))
+    report = evaluation_of(bench)
+    [outcome] = report["outcomes"]
+    flagos = outcome["operators"]["flagos"]
+    kernels = json.loads(next(bench.state.glob("releases/smollm2-cpu/*/kernels.json")).read_text())
+    assert all(row["passed"] for row in kernels["consistency"])  # the kernels themselves are correct
+    assert state.is_failed() and "is not published: arithmetic: FAIL" in state.message
+    assert outcome["gate"]["verdict"] == "FAIL" and latest_digest(host) is None
+    assert flagos["fault"] == "gate-up-swapped" and sum(o["calls"] for o in flagos["operators"]) > 0
+    record("broken integration (gate/up swapped)", "gate FAIL, nothing published",
+           f"{state.type.value}; FlagOS {outcome['gate']['flagos_accuracy']:.3f} vs native "
+           f"{outcome['gate']['native_accuracy']:.3f}", blobs_complete(host))
 
 
 def test_the_registry_stopped_during_the_image_push(bench: Bench):
@@ -86,10 +108,12 @@ def test_the_candidate_container_killed_during_evaluation(bench: Bench):
     host = f"127.0.0.1:{registry.registry_port}"
     engine = docker.from_env()
 
+    stored = bench.state / "evaluations"
+    shutil.rmtree(stored, ignore_errors=True)  # nothing to reuse: the candidate must be asked, and die while asked
+
     def kill_candidate() -> bool:
         for container in engine.containers.list(filters={"label": "flagrelease.role=evaluation"}):
-            if container.name.endswith("-flagos"):
-                time.sleep(2)  # let it start answering
+            if container.name.endswith("-flagos") and b"POST /v1/chat/completions" in container.logs():
                 container.kill()
                 return True
         return False
@@ -97,6 +121,8 @@ def test_the_candidate_container_killed_during_evaluation(bench: Bench):
     state, killed = run_with_fault(bench, host, kill_candidate)
     assert killed and state.is_failed() and latest_digest(host) is None
     assert not engine.containers.list(all=True, filters={"label": "flagrelease.role=evaluation"})  # always removed
+    records = [json.loads(p.read_text()) for p in stored.rglob("*.json") if p.parent.name != "perf"]
+    assert {r["stack"]["role"] for r in records} == {"native"}  # it died with items unanswered: nothing of it kept
     rerun = bench.run(host)
     assert rerun.is_completed() and latest_digest(host) == image_digest(bench)
     record("candidate container killed mid-evaluation", "run Failed, nothing published; re-run publishes",
@@ -118,26 +144,29 @@ def test_the_registry_answering_5xx_for_a_while(bench: Bench):
 
 
 def test_an_endpoint_answering_garbage_for_some_items(bench: Bench, smollm2_gguf: Path):
+    """A FlagOS engine (its operator report passes through) behind a proxy that garbles one answer in four."""
     registry = bench.registry("garbage", SNAPSHOT["built"])
     host = f"127.0.0.1:{registry.registry_port}"
     counter = {"n": 0}
 
     def garble(path: str, body: bytes) -> bytes:
+        if "chat/completions" not in path:
+            return body
         counter["n"] += 1
-        if "chat/completions" not in path or counter["n"] % 4:
+        if counter["n"] % 4:
             return body
         reply = json.loads(body)
         reply["choices"][0]["message"]["content"] = "\x00 ### garbage ###"
         return json.dumps(reply).encode()
 
-    with llama_server(smollm2_gguf, alias="smollm2-135m-flagos") as healthy:
+    with engine_server(smollm2_gguf.parent, {"USE_FLAGGEMS": "1"}) as healthy:
         proxy = Proxy(healthy.removesuffix("/v1"), rewrite=garble)
         try:
             state = bench.run(host, FLAGRELEASE_CANDIDATE_URL=f"http://127.0.0.1:{proxy.port}/v1")
         finally:
             proxy.close()
     verdict = evaluation_of(bench)["verdict"]
-    assert state.is_failed() and verdict != "PASS" and latest_digest(host) is None
+    assert counter["n"] >= 120 and state.is_failed() and verdict != "PASS" and latest_digest(host) is None
     record("endpoint garbles 1 answer in 4", "not PASS, nothing published",
            f"{state.type.value}; verdict {verdict}", blobs_complete(host))
 

@@ -74,11 +74,12 @@ def test_cpu_image_builds_pushes_by_digest_and_serves_the_model(services: Settin
     assert registry.manifest_digest(image.digest) == image.digest == registry.manifest_digest(image.version)
     labels = registry.image_labels(image.digest)
     assert labels["flagrelease.fingerprint"] == plan.fingerprint and labels["flagrelease.chip"] == "cpu"
-    assert "flagrelease.build.llama-cpp-cmake-args" in labels
+    assert labels["flagrelease.tool.transformers"] == "5.22.2" and labels["flagrelease.tool.torch"] == "2.13.0"
 
     request = ServeRequest(image=image.by_digest, name="flagrelease-test-serve", weights=gguf_dir,
-                           port=plan.chip.serve.port, flags=plan.chip.docker_run_flags, environment=plan.chip.serve.flagos_env)
-    with served(client, request, log.append, timeout_s=90) as base_url:
+                           port=plan.chip.serve.port, flags=plan.chip.docker_run_flags,
+                           environment=plan.chip.serve.flagos_env, cache=cache_root() / "engine")
+    with served(client, request, log.append, timeout_s=240) as base_url:
         models = requests.get(f"{base_url}/models", timeout=3).json()
         assert [m["id"] for m in models["data"]] == ["smollm2-135m-flagos"]
         answer = requests.post(f"{base_url}/chat/completions", timeout=60, json={
@@ -86,9 +87,13 @@ def test_cpu_image_builds_pushes_by_digest_and_serves_the_model(services: Settin
             "messages": [{"role": "user", "content": "What is the capital of France?"}]}).json()
         assert "Paris" in answer["choices"][0]["message"]["content"]
         assert answer["usage"]["completion_tokens"] > 0
+        report = requests.get(base_url.removesuffix("/v1") + "/flagos/operators", timeout=5).json()
+        assert report["mode"] == "interpreted" and report["versions"]["triton"] == "3.7.1"
+        assert {o["name"] for o in report["operators"] if o["calls"]} == {"rms_norm", "silu_and_mul", "rotary_embedding"}
         [container] = client.containers.list(filters={"name": "flagrelease-test-serve"})
         mounts = {m["Destination"]: m for m in container.attrs["Mounts"]}
-        assert mounts["/models"]["RW"] is False and container.attrs["HostConfig"]["ShmSize"] == 2**30
+        assert mounts["/models"]["RW"] is False and mounts["/var/cache/flagos"]["RW"] is True
+        assert container.attrs["HostConfig"]["ShmSize"] == 2**30
     assert not client.containers.list(all=True, filters={"name": "flagrelease-test-serve"})  # always removed
 
 
@@ -120,7 +125,7 @@ def test_a_kernel_change_means_a_new_fingerprint_and_a_new_image(services: Setti
 
 
 def test_a_failing_step_is_named(services: Settings, project_copy: Path):
-    template = (project_copy / "templates" / "Dockerfile.llama_cpp.j2").read_text()
+    template = (project_copy / "templates" / "Dockerfile.transformers.j2").read_text()
     (project_copy / "images" / "cpu" / "Dockerfile.j2").write_text(
         template.replace("COPY kernels/", "RUN echo broken step && exit 3\nCOPY kernels/", 1))
     with pytest.raises(BuildFailed) as caught:
