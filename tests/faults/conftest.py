@@ -29,7 +29,7 @@ ROWS: list[tuple[str, str, str, str]] = []
 SMALL_SUITE = """  cpu-smoke:
     version: 1
     benchmarks:
-      arithmetic: {margin_pp: 3.0, limit: 120}
+      arithmetic: {margin_pp: 3.0, limit: 60}
 """
 
 

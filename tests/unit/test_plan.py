@@ -59,6 +59,11 @@ CHANGES: dict[str, tuple[Callable[[Path], None], str]] = {
     "suite margin": (lambda root: edit(root / "releases.yaml", "mmlu: {margin_pp: 1.5}", "mmlu: {margin_pp: 1.0}"), "matrix/suite"),
     "model declared size": (lambda root: edit(root / "releases.yaml", "active: 3.3e9", "active: 3.4e9"), "matrix/model"),
     "kernel toolchain pin": (lambda root: edit(root / "pyproject.toml", '"triton==3.7.1"', '"triton==3.8.0"'), "package/triton"),
+    "engine pin": (lambda root: edit(root / "pyproject.toml", '"transformers==5.22.2"', '"transformers==5.22.3"'),
+                   "package/transformers"),
+    "engine source": (lambda root: edit(root / "engine" / "adapters.py", "dim=-1", "dim=2"), "engine/adapters.py"),
+    "engine bindings": (lambda root: edit(root / "engine" / "architectures.yaml", "LlamaMLP", "LlamaMLP2"),
+                        "engine/architectures.yaml"),
     "weights lock file": (lambda root: (root / "locks").mkdir(exist_ok=True) or (root / "locks" / "qwen3-30b-a3b.json").write_text("{}"),
                           "lock/qwen3-30b-a3b.json"),
 }
