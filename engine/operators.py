@@ -161,7 +161,10 @@ def install(architecture: str, operators: Operators, model_config: dict[str, Any
             raise EngineError(f"{architecture}: {binding.target} cannot run {', '.join(binding.operators)}: "
                               + "; ".join(f"config {k} is {have!r}, the adapter needs {need!r}"
                                           for k, (have, need) in wrong.items()))
-        owner, attribute = (getattr(module, binding.class_name), "forward") if binding.class_name else (module, binding.function)
+        if binding.class_name:
+            owner, attribute = getattr(module, binding.class_name), "forward"
+        else:
+            owner, attribute = module, binding.function
         original = getattr(owner, attribute)
         setattr(owner, attribute, getattr(adapters, binding.adapter)(operators, original))
         installed.replaced.append((owner, attribute, original))

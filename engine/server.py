@@ -73,8 +73,9 @@ def versions() -> dict[str, str]:
     return found
 
 
-def report(config: ServeConfig, architecture: str, operators: Operators, device: str) -> dict[str, Any]:
-    return {"engine": "transformers-serve", "versions": versions(), "served_name": config.served_name,
+def report(config: ServeConfig, architecture: str, operators: Operators, device: str,
+           installed: dict[str, str]) -> dict[str, Any]:
+    return {"engine": "transformers-serve", "versions": installed, "served_name": config.served_name,
             "architecture": architecture, "device": device, "dtype": config.dtype, **operators.report()}
 
 
@@ -120,9 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.cli.serve import Serve
 
     device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    log.info("operators: %s", json.dumps(report(config, architecture, operators, device)))
+    installed = versions()
+    log.info("operators: %s", json.dumps(report(config, architecture, operators, device, installed)))
     serving_server.build_server = _with_flagos_routes(
-        serving_server.build_server, lambda: report(config, architecture, operators, device))
+        serving_server.build_server, lambda: report(config, architecture, operators, device, installed))
     # transformers serve pins the model by the name requests use; a link of that name in the working folder
     # points it at the checkpoint, so clients ask for the served name, as with vLLM's --served-model-name
     workdir = Path(tempfile.mkdtemp(prefix="flagos-serve-"))
