@@ -41,6 +41,8 @@ class ServeConfig(BaseModel):
     continuous_batching: bool = True
     cb_max_batch_tokens: int | None = None
     cb_max_memory_percent: float | None = None
+    # off: a replayed CUDA graph runs kernels without the Python that counts them, so the report would undercount
+    cb_use_cuda_graph: bool = False
 
 
 def switch_from_env(environ: dict[str, str]) -> bool:
@@ -132,5 +134,6 @@ def main(argv: list[str] | None = None) -> int:
     os.chdir(workdir)
     Serve(force_model=config.served_name, continuous_batching=config.continuous_batching, device=device,
           dtype=config.dtype, host=config.host, port=config.port, log_level="warning",
-          cb_max_batch_tokens=config.cb_max_batch_tokens, cb_max_memory_percent=config.cb_max_memory_percent)
+          cb_max_batch_tokens=config.cb_max_batch_tokens, cb_max_memory_percent=config.cb_max_memory_percent,
+          cb_use_cuda_graph=config.cb_use_cuda_graph)
     return 0
