@@ -32,7 +32,8 @@ if [[ ! -f $stamp || pyproject.toml -nt $stamp ]]; then
     .venv/bin/pip install -q --disable-pip-version-check -e ".[kernels,engine,test]" 2>&1 | { grep -v "^WARNING: Location" || true; }
     touch "$stamp"
 fi
-# Machine-level build caches (outside the clone, reused by later clones): the Debian base of the cpu image and the
-# portable llama.cpp wheel, which compiles for several minutes the first time on a new machine.
+# Machine-level build caches (outside the clone, reused by later clones): the Debian base of the cpu image, the
+# image wheelhouse, and the portable llama.cpp wheel (the evaluate tests' control stacks), which compiles for several
+# minutes the first time on a new machine.
 .venv/bin/flagrelease prepare
 echo "setup: ready ($(.venv/bin/python --version), $(.venv/bin/flagrelease --help >/dev/null && echo 'flagrelease CLI ok'))"

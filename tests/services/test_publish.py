@@ -26,6 +26,7 @@ from flows.services import Services
 from flows.settings import Settings
 from flows.weights.manifest import FileRecord, WeightsManifest
 from tests.conftest import PROJECT_DIR, running_services
+from tests.unit.test_card import operator_use
 
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 
@@ -39,7 +40,7 @@ def registry_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sett
 def push_image(registry: RegistryClient, content: bytes) -> ImageRef:
     """A small but real image manifest (config + one layer) pushed by digest and under its version tag."""
     config = json.dumps({"architecture": "amd64", "os": "linux", "docker_version": "20.10.24+dfsg1",
-                         "config": {"Labels": {"flagrelease.tool.llama-cpp-python": "0.3.36"}},
+                         "config": {"Labels": {"flagrelease.tool.transformers": "5.22.2"}},
                          "rootfs": {"type": "layers", "diff_ids": ["sha256:" + hashlib.sha256(content).hexdigest()]}})
     manifest = {"schemaVersion": 2, "mediaType": DOCKER_MANIFEST,
                 "config": registry.push_blob(config.encode(), "application/vnd.docker.container.image.v1+json"),
@@ -145,7 +146,8 @@ def test_a_failed_gate_publishes_nothing(registry_settings: Settings, tmp_path: 
     assert not (tmp_path / "README.md").exists() and not (tmp_path / "release.json").exists()
 
     passing = report.model_copy(update={"verdict": Verdict.PASS, "outcomes": [BenchmarkOutcome(
-        benchmark="arithmetic", gated=True, repeats=1, gate=paired_gate("arithmetic", native, dict(native), 3.0))]})
+        benchmark="arithmetic", gated=True, repeats=1, gate=paired_gate("arithmetic", native, dict(native), 3.0),
+        operators={"flagos": operator_use(True), "native": operator_use(False)})]})
     record, hubs, card_path, changed = publish(plan, load_matrix(PROJECT_DIR / "releases.yaml"), image, weights, passing,
                                       registry, tmp_path, PROJECT_DIR, "FlagRelease", lambda line: None)
     assert changed and registry.manifest_digest(MOVING_TAG) == image.digest and record.verdict == "PASS"
