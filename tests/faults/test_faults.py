@@ -175,15 +175,23 @@ def test_the_flow_killed_in_the_middle_of_publish_then_rerun(bench: Bench):
     registry = bench.registry("sigkill", SNAPSHOT["built"])
     host = f"127.0.0.1:{registry.registry_port}"
     env = {**os.environ, **bench.environment(host), "PREFECT_LOGGING_LEVEL": "INFO"}
+    # its own session: the ephemeral Prefect server it starts would outlive a SIGKILLed parent (no atexit runs)
     process = subprocess.Popen([sys.executable, "-c", "from flows.release import release; release('smollm2-cpu')"],
-                               cwd=PROJECT_DIR, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                               cwd=PROJECT_DIR, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
     seen = []
-    for line in process.stdout:
-        seen.append(line)
-        if "attached README.md" in line:
-            process.send_signal(signal.SIGKILL)
-            break
-    process.wait(timeout=60)
+    try:
+        for line in process.stdout:
+            seen.append(line)
+            if "attached README.md" in line:
+                process.send_signal(signal.SIGKILL)
+                break
+        process.wait(timeout=60)
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)  # whatever the killed flow left running ends with it
+        except ProcessLookupError:
+            pass
     assert process.returncode == -signal.SIGKILL, "".join(seen[-20:])
     assert latest_digest(host) is None  # killed before the tag moved
     digest = image_digest(bench)
