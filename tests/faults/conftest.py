@@ -203,7 +203,7 @@ def bench(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bench]:
     for name in ("images", "templates", "kernels", "engine", "locks"):
         shutil.copytree(PROJECT_DIR / name, project / name, ignore=shutil.ignore_patterns("__pycache__"))
     matrix = (project / "releases.yaml").read_text()
-    start = matrix.index("  cpu-smoke:\n")
+    start = matrix.index("  cpu-smoke:")
     end = matrix.index("\nreleases:")
     (project / "releases.yaml").write_text(matrix[:start] + SMALL_SUITE + matrix[end:])
     weights = root / "weights"
