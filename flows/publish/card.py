@@ -182,7 +182,8 @@ def card_data(plan: Plan, image: ImageRef, image_config: dict, report: Evaluatio
                          "our kernels ran, so the card cannot say they did"])
     versions = flagos.versions  # read from the running image by its engine, not copied from the chip profile
     engine = plan.chip.serve.engine
-    serving = f"the FlagOS engine ({flagos.engine} of transformers {versions.get('transformers', 'unknown')})"
+    engine_label = f"{flagos.engine} of transformers {versions.get('transformers', 'unknown')}"
+    serving = f"the FlagOS engine ({engine_label})"
     commands, weights_dir = download_commands(plan, weights)
     port = plan.chip.serve.port
     base_url = f"http://127.0.0.1:{port}/v1"
@@ -217,7 +218,7 @@ def card_data(plan: Plan, image: ImageRef, image_config: dict, report: Evaluatio
         driver_version=plan.chip.driver_version,
         docker_version=image_config.get("docker_version") or "unknown builder",
         os=plan.chip.os,
-        flagscale_version=tools.get("flagscale", f"not in this image (serves with {serving})"),
+        flagscale_version=tools.get("flagscale", f"not in this image (served by {engine_label})"),
         serving_note=("FlagScale starts the OpenAI-compatible server for the model with the chip's settings."
                       if "flagscale" in tools else
                       f"This image serves the model with the OpenAI-compatible server of {serving} instead; "
