@@ -31,7 +31,7 @@ def stack_rate(gguf: Path, flagos: bool, items: int) -> tuple[float, list[str]]:
     definition = load_definitions(PROJECT_DIR / "benchmarks.yaml").benchmarks["arithmetic"]
     questions = load_items("arithmetic", definition, items)
     with local_engine(gguf.parent, SERVED_NAME, {"USE_FLAGGEMS": "1" if flagos else "0"},
-                      cache_root() / "engine" / "checkpoints") as url:
+                      cache_root() / "engine" / "checkpoints", gguf_file=gguf.name) as url:
         ask_stack(url, SERVED_NAME, questions[:4], definition, concurrency=4)  # warm-up (first batch, first calls)
         started = time.perf_counter()
         results = ask_stack(url, SERVED_NAME, questions, definition, concurrency=items)

@@ -25,8 +25,14 @@ def architecture_of(model_dir: Path) -> tuple[str, dict]:
     return architectures[0], config
 
 
-def servable(model_dir: Path, cache_dir: Path, log: Callable[[str], None]) -> Path:
-    """A folder `transformers serve` can load: `model_dir` itself, or the cached conversion of its one GGUF."""
+def servable(model_dir: Path, cache_dir: Path, log: Callable[[str], None], gguf_file: str | None = None) -> Path:
+    """A folder `transformers serve` can load: `model_dir` itself, or the cached conversion of its GGUF (the named
+    one, which is the file the weights stage verified, else the only one there)."""
+    if gguf_file is not None:
+        gguf = model_dir / gguf_file
+        if not gguf.is_file():
+            raise EngineError(f"{model_dir} has no {gguf_file} (the serve configuration's gguf_file)")
+        return _converted(gguf, cache_dir, log)
     if (model_dir / "config.json").is_file():
         return model_dir
     ggufs = sorted(model_dir.glob("*.gguf")) if model_dir.is_dir() else []
@@ -34,7 +40,10 @@ def servable(model_dir: Path, cache_dir: Path, log: Callable[[str], None]) -> Pa
         found = ", ".join(p.name for p in ggufs) or "nothing servable"
         raise EngineError(f"{model_dir} must hold a transformers checkpoint (config.json) or exactly one .gguf file; "
                           f"found {found}")
-    gguf = ggufs[0]
+    return _converted(ggufs[0], cache_dir, log)
+
+
+def _converted(gguf: Path, cache_dir: Path, log: Callable[[str], None]) -> Path:
     digest = hashlib.sha256()
     with gguf.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):

@@ -35,6 +35,7 @@ class ServeConfig(BaseModel):
     port: int = Field(ge=1, le=65535)
     served_name: str
     model_dir: Path
+    gguf_file: str | None = Field(default=None, description="the GGUF in model_dir to serve (the verified file)")
     cache_dir: Path = Path(tempfile.gettempdir()) / "flagos-checkpoints"
     device: str = "auto"
     dtype: str = "auto"
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = ServeConfig.model_validate_json(args.config.read_text())
         operators = operators_from_env(dict(os.environ))
-        model_dir = servable(config.model_dir, config.cache_dir, log.info)
+        model_dir = servable(config.model_dir, config.cache_dir, log.info, config.gguf_file)
         architecture, model_config = architecture_of(model_dir)
         install(architecture, operators, model_config)
     except (OSError, ValidationError, EngineError) as exc:

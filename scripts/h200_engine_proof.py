@@ -59,7 +59,7 @@ def main() -> int:
     summary: dict[str, object] = {"items": args.items}
     with ExitStack() as stack:
         urls = {name: stack.enter_context(local_engine(args.gguf.parent, SERVED_NAME, env, Path("/tmp/flagos-cache"),
-                                                       timeout_s=600, **GPU))
+                                                       timeout_s=600, gguf_file=args.gguf.name, **GPU))
                 for name, env in STACKS.items()}
         for name, url in urls.items():
             ask_stack(url, SERVED_NAME, items[:64], definition, concurrency=64)  # warm-up: first launches compile

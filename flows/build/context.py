@@ -67,6 +67,12 @@ def render_dockerfile(plan: Plan, base_image: str, project_dir: Path) -> str:
                   image_env=BACKEND_ENV.get(plan.chip.triton.backend, {}))
 
 
+def gguf_file(plan: Plan) -> str | None:
+    """The weights file the engine serves out of the mounted folder, for a model shipped as one GGUF."""
+    source_file = plan.model.source.file
+    return source_file.rsplit("/", 1)[-1] if plan.model.format == "gguf" and source_file else None
+
+
 def serve_name(plan: Plan) -> str:
     return SERVE_NAMES.get(plan.model.architecture, plan.model_name)
 
@@ -78,7 +84,7 @@ def render_serve_config(plan: Plan, project_dir: Path) -> tuple[str, str]:
                   served_name=plan.model.served_name, model_path=MODEL_MOUNT, model_mount=MODEL_MOUNT,
                   cache_mount=CACHE_MOUNT, serve_name=serve_name(plan), tensor_parallel_size=serve.tensor_parallel_size,
                   triton_cache=TRITON_CACHE, device=serve.device, dtype=serve.dtype, batch_tokens=serve.batch_tokens,
-                  cache_memory_fraction=serve.cache_memory_fraction)
+                  cache_memory_fraction=serve.cache_memory_fraction, gguf_file=gguf_file(plan))
     return config, text
 
 

@@ -14,6 +14,8 @@ SERVED_NAME = "smollm2-135m-flagos"
 
 
 @contextmanager
-def engine_server(model_dir: Path, environment: dict[str, str]) -> Iterator[str]:
-    with local_engine(model_dir, SERVED_NAME, environment, cache_root() / "engine" / "checkpoints") as url:
+def engine_server(gguf: Path, environment: dict[str, str]) -> Iterator[str]:
+    """Serve this GGUF (its folder may hold other files, e.g. the evaluate tests' requantised copies)."""
+    with local_engine(gguf.parent, SERVED_NAME, environment, cache_root() / "engine" / "checkpoints",
+                      gguf_file=gguf.name) as url:
         yield url

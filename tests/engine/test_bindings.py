@@ -108,3 +108,14 @@ def test_a_kernel_that_raises_fails_the_call_and_is_counted(bound):
     with pytest.raises(ValueError, match="weight has dtype"):
         ops.call("rms_norm", torch.ones(2, 8), torch.ones(8, dtype=torch.float16), 1e-6)
     assert ops.stats["rms_norm"].errors == 1 and ops.stats["rms_norm"].calls == 0
+
+
+def test_the_engine_serves_the_named_gguf_and_refuses_a_folder_it_cannot_pick_from(tmp_path):
+    from engine.checkpoint import servable
+
+    (tmp_path / "a.gguf").write_bytes(b"x")
+    (tmp_path / "b.gguf").write_bytes(b"y")
+    with pytest.raises(EngineError, match=r"exactly one \.gguf file; found a\.gguf, b\.gguf"):
+        servable(tmp_path, tmp_path / "cache", print)
+    with pytest.raises(EngineError, match=r"has no c\.gguf \(the serve configuration's gguf_file\)"):
+        servable(tmp_path, tmp_path / "cache", print, "c.gguf")

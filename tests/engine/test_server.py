@@ -36,10 +36,10 @@ def answers(url: str, arithmetic, role: str):
 
 
 def test_both_stacks_answer_alike_and_only_the_flagos_stack_runs_our_kernels(smollm2_gguf: Path, arithmetic):
-    with engine_server(smollm2_gguf.parent, {"USE_FLAGGEMS": "0"}) as native_url:
+    with engine_server(smollm2_gguf, {"USE_FLAGGEMS": "0"}) as native_url:
         listed = requests.get(f"{native_url}/models", timeout=5).json()
         native, native_use = answers(native_url, arithmetic, "native")
-    with engine_server(smollm2_gguf.parent, {"USE_FLAGGEMS": "1"}) as flagos_url:
+    with engine_server(smollm2_gguf, {"USE_FLAGGEMS": "1"}) as flagos_url:
         flagos, flagos_use = answers(flagos_url, arithmetic, "flagos")
         with pytest.raises(StackRefused, match="the native stack has our operators switched on"):
             check_switch("native", operator_report(flagos_url))
@@ -55,7 +55,7 @@ def test_both_stacks_answer_alike_and_only_the_flagos_stack_runs_our_kernels(smo
 
 
 def test_a_broken_integration_answers_differently(smollm2_gguf: Path, arithmetic):
-    with engine_server(smollm2_gguf.parent, {"USE_FLAGGEMS": "1", "FLAGOS_FAULT": "gate-up-swapped"}) as url:
+    with engine_server(smollm2_gguf, {"USE_FLAGGEMS": "1", "FLAGOS_FAULT": "gate-up-swapped"}) as url:
         broken, use = answers(url, arithmetic, "flagos")
     assert use.fault == "gate-up-swapped"
     assert sum(r.correct for r in broken) == 0  # the model no longer does arithmetic at all

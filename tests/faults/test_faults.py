@@ -159,7 +159,7 @@ def test_an_endpoint_answering_garbage_for_some_items(bench: Bench, smollm2_gguf
         reply["choices"][0]["message"]["content"] = "\x00 ### garbage ###"
         return json.dumps(reply).encode()
 
-    with engine_server(smollm2_gguf.parent, {"USE_FLAGGEMS": "1"}) as healthy:
+    with engine_server(smollm2_gguf, {"USE_FLAGGEMS": "1"}) as healthy:
         proxy = Proxy(healthy.removesuffix("/v1"), rewrite=garble)
         try:
             state = bench.run(host, FLAGRELEASE_CANDIDATE_URL=f"http://127.0.0.1:{proxy.port}/v1")

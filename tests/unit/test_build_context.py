@@ -88,6 +88,7 @@ def test_serve_configurations_carry_the_served_name_port_and_mounted_weights():
     config = json.loads(text)
     assert name == "transformers.json" and config["port"] == 8000 and config["host"] == "0.0.0.0"
     assert config["served_name"] == "smollm2-135m-flagos" and config["model_dir"] == "/models"
+    assert config["gguf_file"] == "SmolLM2-135M-Instruct.Q4_1.gguf"  # the verified file, whatever else is there
     assert config["device"] == "cpu" and config["dtype"] == "float32" and config["continuous_batching"] is True
     assert "threads" not in text  # nothing of the build host is baked into the image
     name, text = render_serve_config(plan_of("qwen3-iluvatar"), PROJECT_DIR)
