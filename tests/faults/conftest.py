@@ -26,10 +26,11 @@ from tests.evaluate.conftest import smollm2_gguf  # noqa: F401  (the fixture, sh
 RELEASE = "smollm2-cpu"
 REPOSITORY = "flagrelease/smollm2-135m-cpu"
 ROWS: list[tuple[str, str, str, str]] = []
-SMALL_SUITE = """  cpu-smoke:
+SMALL_SUITE_ITEMS = 60
+SMALL_SUITE = f"""  cpu-smoke:
     version: 1
     benchmarks:
-      arithmetic: {margin_pp: 3.0, limit: 60}
+      arithmetic: {{margin_pp: 3.0, limit: {SMALL_SUITE_ITEMS}}}
 """
 
 
