@@ -57,11 +57,13 @@ def operators_from_env(environ: dict[str, str]) -> Operators:
     """The native stack switches nothing on; the FlagOS stack every operator, or the FLAGOS_OPS subset."""
     if not switch_from_env(environ):
         return Operators(set(), mode="native")
+    import triton
+
     chosen = environ.get(OPS_VARIABLE, "").strip()
     enabled = {name.strip() for name in chosen.split(",") if name.strip()} if chosen else set(OPERATORS)
-    interpreted = environ.get("TRITON_INTERPRET", "0") == "1"
+    # what Triton itself decided when it read TRITON_INTERPRET, not what the environment is believed to say
     return Operators(enabled, fault=environ.get(FAULT_VARIABLE) or None,
-                     mode="interpreted" if interpreted else "compiled")
+                     mode="interpreted" if triton.knobs.runtime.interpret else "compiled")
 
 
 def versions() -> dict[str, str]:
