@@ -82,8 +82,8 @@ def _pip(args: list[str], env: dict[str, str], what: str) -> None:
 
 
 def install_server_here(log: Callable[[str], None] = print) -> None:
-    """Install llama.cpp's OpenAI server into this Python environment from the same wheels the cpu image uses,
-    so local reference stacks and the evaluate tests run the very server the image ships."""
+    """Install llama.cpp's OpenAI server into this Python environment (portable wheel, pinned requirements): the
+    evaluate tests serve quantised copies of the model with it as control stacks for the gate."""
     wheel = llama_cpp_wheel(log)
     names = [requirement.split("==")[0] for requirement in SERVER_REQUIREMENTS]
     _pip(["install", "-q", "--no-index", "--find-links", str(wheel.parent), "--find-links", str(server_wheelhouse(log)),

@@ -1,4 +1,4 @@
-"""Real stacks for the evaluate tests: llama.cpp's OpenAI server (the one the cpu image ships) serving the SmolLM2
+"""Real stacks for the evaluate tests: llama.cpp's OpenAI server (a control engine, in no image) serving the SmolLM2
 GGUF from its package, plus requantised copies as other numeric stacks (Q8_0: mildly different; Q2_K: broken)."""
 
 from __future__ import annotations
