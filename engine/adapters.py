@@ -1,6 +1,6 @@
 """Adapters from transformers' modeling conventions to our kernels' signatures, one per binding kind in
-`architectures.yaml`. Each takes the `Operators` of the process and the original forward/function (kept for
-the signature it replaces) and returns the replacement; every kernel call goes through `Operators.call`."""
+`architectures.yaml`. Each takes the `Operators` of the process and returns the replacement forward/function,
+with the signature of the one it replaces; every kernel call goes through `Operators.call`."""
 
 from __future__ import annotations
 
@@ -9,13 +9,10 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from engine.operators import Operators
-
-GATE_UP_SWAPPED = "gate-up-swapped"
-NORM_EPS_X1E4 = "norm-eps-x1e4"
+from engine.operators import GATE_UP_SWAPPED, NORM_EPS_X1E4, Operators
 
 
-def rms_norm_module(ops: Operators, original: Callable[..., Any]) -> Callable[..., Any]:
+def rms_norm_module(ops: Operators) -> Callable[..., Any]:
     """`<Model>RMSNorm.forward(hidden_states)`: weight and epsilon are the module's own."""
     eps_scale = 1e4 if ops.fault == NORM_EPS_X1E4 else 1.0
 
@@ -30,7 +27,7 @@ def _gate_up(ops: Operators, gate: torch.Tensor, up: torch.Tensor) -> torch.Tens
     return torch.cat((up, gate) if ops.fault == GATE_UP_SWAPPED else (gate, up), dim=-1)
 
 
-def gated_mlp(ops: Operators, original: Callable[..., Any]) -> Callable[..., Any]:
+def gated_mlp(ops: Operators) -> Callable[..., Any]:
     """`<Model>MLP.forward(x) = down(silu(gate(x)) * up(x))` with the activation and product in one kernel."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -39,7 +36,7 @@ def gated_mlp(ops: Operators, original: Callable[..., Any]) -> Callable[..., Any
     return forward
 
 
-def rotary_pos_emb(ops: Operators, original: Callable[..., Any]) -> Callable[..., Any]:
+def rotary_pos_emb(ops: Operators) -> Callable[..., Any]:
     """`apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim)`: q/k [b, heads, s, d] (unsqueeze_dim 1) or [b, s, heads, d]
     (2); cos/sin [b, s, rot] with both halves equal (neox). Our kernel takes token-major heads and a per-position
     [cos half | sin half] table, so each token gets its own row of that table."""
@@ -67,7 +64,7 @@ def rotary_pos_emb(ops: Operators, original: Callable[..., Any]) -> Callable[...
     return apply
 
 
-def topk_router(ops: Operators, original: Callable[..., Any]) -> Callable[..., Any]:
+def topk_router(ops: Operators) -> Callable[..., Any]:
     """`<Model>TopKRouter.forward(hidden) -> (logits, top-k weights, expert ids)`: softmax + top-k (+ renormalise)."""
 
     def forward(self, hidden_states: torch.Tensor):
@@ -78,7 +75,7 @@ def topk_router(ops: Operators, original: Callable[..., Any]) -> Callable[..., A
     return forward
 
 
-def experts_combine(ops: Operators, original: Callable[..., Any]) -> Callable[..., Any]:
+def experts_combine(ops: Operators) -> Callable[..., Any]:
     """`<Model>Experts.forward(hidden, top_k_index, top_k_weights)` over fused [gate; up] expert weights: each
     expert's SwiGLU in our kernel, then the weighted sum over each token's top-k outputs in our combine kernel."""
 

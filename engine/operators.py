@@ -21,9 +21,11 @@ ARCHITECTURES_FILE = Path(__file__).resolve().parent / "architectures.yaml"
 OPERATORS = ("rms_norm", "fused_add_rms_norm", "silu_and_mul", "rotary_embedding", "topk_softmax", "moe_sum", "softmax")
 # Deliberately broken integrations for the must-fail control (tests/faults): the kernels stay as committed, the
 # engine calls them wrongly. Never set in a release; the operator report shows it whenever it is.
+GATE_UP_SWAPPED = "gate-up-swapped"
+NORM_EPS_X1E4 = "norm-eps-x1e4"
 FAULTS = {
-    "gate-up-swapped": "the SwiGLU input is passed as [up, gate] instead of [gate, up]",
-    "norm-eps-x1e4": "RMSNorm is called with the model's epsilon x 1e4",
+    GATE_UP_SWAPPED: "the SwiGLU input is passed as [up, gate] instead of [gate, up]",
+    NORM_EPS_X1E4: "RMSNorm is called with the model's epsilon x 1e4",
 }
 
 
@@ -166,7 +168,7 @@ def install(architecture: str, operators: Operators, model_config: dict[str, Any
         else:
             owner, attribute = module, binding.function
         original = getattr(owner, attribute)
-        setattr(owner, attribute, getattr(adapters, binding.adapter)(operators, original))
+        setattr(owner, attribute, getattr(adapters, binding.adapter)(operators))
         installed.replaced.append((owner, attribute, original))
         for name in binding.operators:
             if operators.enabled(name):

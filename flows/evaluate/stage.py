@@ -288,8 +288,9 @@ def _results(evaluation: Evaluation, stacks: Stacks, source: StackSource, key: R
     missing = sorted(set(range(repeats)) - {r.repeat for r in stored})
     if missing:
         url = stacks.url(source)
-        before = operator_report(url) if evaluation.verify_operators else None
+        before = None
         if evaluation.verify_operators:
+            before = operator_report(url)
             check_switch(role, before)
         log(f"{key.benchmark}: asking the {role} stack {len(items)} items x {len(missing)} repeat(s)")
         asked = ask_stack(url, evaluation.plan.model.served_name, items, definition, repeats=missing,
