@@ -11,6 +11,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from engine.operators import EngineError
@@ -25,7 +26,17 @@ def architecture_of(model_dir: Path) -> tuple[str, dict]:
     return architectures[0], config
 
 
-def servable(model_dir: Path, cache_dir: Path, log: Callable[[str], None], gguf_file: str | None = None) -> Path:
+@dataclass(frozen=True)
+class Checkpoint:
+    """The folder `transformers serve` loads and the sha256 that names what was served: of the GGUF, or of a
+    folder's config.json with every file's name and size (hashing tens of GB at each start would be too slow;
+    the weights stage hashed them)."""
+
+    folder: Path
+    sha256: str
+
+
+def servable(model_dir: Path, cache_dir: Path, log: Callable[[str], None], gguf_file: str | None = None) -> Checkpoint:
     """A folder `transformers serve` can load: `model_dir` itself, or the cached conversion of its GGUF (the named
     one, which is the file the weights stage verified, else the only one there)."""
     if gguf_file is not None:
@@ -34,7 +45,10 @@ def servable(model_dir: Path, cache_dir: Path, log: Callable[[str], None], gguf_
             raise EngineError(f"{model_dir} has no {gguf_file} (the serve configuration's gguf_file)")
         return _converted(gguf, cache_dir, log)
     if (model_dir / "config.json").is_file():
-        return model_dir
+        digest = hashlib.sha256((model_dir / "config.json").read_bytes())
+        for path in sorted(p for p in model_dir.rglob("*") if p.is_file()):
+            digest.update(f"\n{path.relative_to(model_dir)} {path.stat().st_size}".encode())
+        return Checkpoint(model_dir, digest.hexdigest())
     ggufs = sorted(model_dir.glob("*.gguf")) if model_dir.is_dir() else []
     if len(ggufs) != 1:
         found = ", ".join(p.name for p in ggufs) or "nothing servable"
@@ -43,15 +57,16 @@ def servable(model_dir: Path, cache_dir: Path, log: Callable[[str], None], gguf_
     return _converted(ggufs[0], cache_dir, log)
 
 
-def _converted(gguf: Path, cache_dir: Path, log: Callable[[str], None]) -> Path:
+def _converted(gguf: Path, cache_dir: Path, log: Callable[[str], None]) -> Checkpoint:
     digest = hashlib.sha256()
     with gguf.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     dest = cache_dir / f"{gguf.stem}-{digest.hexdigest()[:16]}"
+    checkpoint = Checkpoint(dest, digest.hexdigest())
     if (dest / "config.json").is_file():
         log(f"checkpoint: {gguf.name} already converted at {dest}")
-        return dest
+        return checkpoint
     log(f"checkpoint: dequantising {gguf.name} into {dest} (once per cache)")
     cache_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=cache_dir))
@@ -63,7 +78,7 @@ def _converted(gguf: Path, cache_dir: Path, log: Callable[[str], None]) -> Path:
             raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return dest
+    return checkpoint
 
 
 def _convert(gguf: Path, dest: Path) -> None:

@@ -14,15 +14,17 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from engine.checkpoint import architecture_of, servable
+from engine.checkpoint import Checkpoint, architecture_of, servable
 from engine.operators import OPERATORS, EngineError, Operators, install
 
 SWITCH = "USE_FLAGGEMS"
 SWITCH_VALUES = {"1": True, "true": True, "0": False, "false": False}
 OPS_VARIABLE = "FLAGOS_OPS"  # comma-separated subset of our operators (default: all); for diagnosis
 FAULT_VARIABLE = "FLAGOS_FAULT"
+HOME_VARIABLE = "FLAGOS_HOME"
+BUILD_RECORD = "build.json"
 log = logging.getLogger("flagos.engine")
 
 
@@ -78,10 +80,21 @@ def versions() -> dict[str, str]:
     return found
 
 
-def report(config: ServeConfig, architecture: str, operators: Operators, device: str,
-           installed: dict[str, str]) -> dict[str, Any]:
+def build_record(environ: dict[str, str]) -> dict[str, Any] | None:
+    """What the image build wrote about itself ($FLAGOS_HOME/build.json: release, fingerprint, model revision);
+    None for an engine run from a source checkout."""
+    home = environ.get(HOME_VARIABLE)
+    path = Path(home) / BUILD_RECORD if home else None
+    return json.loads(path.read_text()) if path is not None and path.is_file() else None
+
+
+def report(config: ServeConfig, architecture: str, checkpoint: Checkpoint, operators: Operators, device: str,
+           installed: dict[str, str], build: dict[str, Any] | None) -> dict[str, Any]:
+    """Everything a client needs to tell which stack answers: the build, the checkpoint and every switch (the
+    evaluate stage keys stored answers by it), plus the counters."""
     return {"engine": "transformers-serve", "versions": installed, "served_name": config.served_name,
-            "architecture": architecture, "device": device, "dtype": config.dtype, **operators.report()}
+            "build": build, "checkpoint": checkpoint.sha256, "architecture": architecture, "device": device,
+            "dtype": config.dtype, **operators.report()}
 
 
 def _with_flagos_routes(build_server, describe):
@@ -115,10 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = ServeConfig.model_validate_json(args.config.read_text())
         operators = operators_from_env(dict(os.environ))
-        model_dir = servable(config.model_dir, config.cache_dir, log.info, config.gguf_file)
-        architecture, model_config = architecture_of(model_dir)
+        checkpoint = servable(config.model_dir, config.cache_dir, log.info, config.gguf_file)
+        architecture, model_config = architecture_of(checkpoint.folder)
         install(architecture, operators, model_config)
-    except (OSError, ValidationError, EngineError) as exc:
+        build = build_record(dict(os.environ))
+    except (OSError, ValueError, EngineError) as exc:  # ValidationError and a malformed build.json are ValueErrors
         print(f"flagos-engine: error: {exc}", file=sys.stderr)
         return 2
     import torch
@@ -127,13 +141,16 @@ def main(argv: list[str] | None = None) -> int:
 
     device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     installed = versions()
-    log.info("operators: %s", json.dumps(report(config, architecture, operators, device, installed)))
-    serving_server.build_server = _with_flagos_routes(
-        serving_server.build_server, lambda: report(config, architecture, operators, device, installed))
+
+    def describe() -> dict[str, Any]:
+        return report(config, architecture, checkpoint, operators, device, installed, build)
+
+    log.info("operators: %s", json.dumps(describe()))
+    serving_server.build_server = _with_flagos_routes(serving_server.build_server, describe)
     # transformers serve pins the model by the name requests use; a link of that name in the working folder
     # points it at the checkpoint, so clients ask for the served name, as with vLLM's --served-model-name
     workdir = Path(tempfile.mkdtemp(prefix="flagos-serve-"))
-    (workdir / config.served_name).symlink_to(model_dir.resolve(), target_is_directory=True)
+    (workdir / config.served_name).symlink_to(checkpoint.folder.resolve(), target_is_directory=True)
     os.chdir(workdir)
     Serve(force_model=config.served_name, continuous_batching=config.continuous_batching, device=device,
           dtype=config.dtype, host=config.host, port=config.port, log_level="warning",

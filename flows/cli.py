@@ -37,7 +37,10 @@ def main(argv: list[str] | None = None) -> int:
             os.environ.setdefault(key, value)  # before Prefect is imported; an explicit environment wins
         return args.handler(args, settings)
     except ValidationError as exc:
-        errors.print(f"[red]error:[/red] invalid FLAGRELEASE_* setting: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}")
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "settings"
+        errors.print(f"[red]error:[/red] invalid FLAGRELEASE_* setting: {where}: {first['msg']}", markup=True,
+                     highlight=False)
         return 2
     except FlagReleaseError as exc:
         errors.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)

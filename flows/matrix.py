@@ -95,6 +95,8 @@ class Benchmark(Strict):
     max_repeats: int | None = Field(default=None, ge=1, le=256,
                                     description="while INCONCLUSIVE, double the repeats up to this cap (sampled benchmarks)")
     limit: int | None = Field(default=None, ge=1, description="evaluate only the first N items")
+    max_unreadable: float = Field(default=0.2, ge=0, le=1, description="above this share of answers the extractor "
+                                  "cannot read on either stack, the benchmark measures nothing (INCONCLUSIVE)")
     gated: bool = True
 
     @model_validator(mode="after")
@@ -108,6 +110,8 @@ class Suite(Strict):
     version: int = Field(ge=1)
     perf_min_ratio: float | None = Field(default=None, gt=0, le=2, description="gate FlagOS/native output tokens/s "
                                          "at every measured concurrency (the peer uses 0.8); unset: reported only")
+    publish_when_better: bool = Field(default=False, description="publish a suite whose gated benchmarks each "
+                                      "PASS or DIFFER (FlagOS better beyond the margin); the card then says by how much")
     benchmarks: dict[Literal[KNOWN_BENCHMARKS], Benchmark] = Field(min_length=1)  # type: ignore[valid-type]
 
 
@@ -168,6 +172,13 @@ class ServeSpec(Strict):
                                        description="environment of the FlagOS stack (our kernels on)")
     native_env: dict[str, str] = Field(default_factory=lambda: {"USE_FLAGGEMS": "0"},
                                        description="environment of the native stack: the same image, kernels off")
+
+    @model_validator(mode="after")
+    def _two_stacks(self) -> "ServeSpec":
+        if self.flagos_env == self.native_env:
+            raise ValueError(f"flagos_env and native_env are the same ({self.flagos_env}): the two stacks would run "
+                             "the same code and the comparison would prove nothing")
+        return self
 
 
 class DebootstrapRecipe(Strict):

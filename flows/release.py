@@ -11,7 +11,8 @@ from prefect.cache_policies import NO_CACHE
 from flows.build.image import ImageRef, build_release_image, ensure_local_image, existing_image
 from flows.connections import docker_client, registry_for
 from flows.errors import FlagReleaseError
-from flows.evaluate.stage import Evaluation, EvaluationFailed, EvaluationReport, evaluate, image_sources, write_report
+from flows.evaluate.stage import (Endpoint, Evaluation, EvaluationFailed, EvaluationReport, evaluate, image_sources,
+                                  write_report)
 from flows.evaluate.store import ResultStore
 from flows.files import write_model
 from flows.kernel_artifacts import KernelArtifacts, check_and_compile, consistency_report, recorded_operators
@@ -112,8 +113,10 @@ def evaluate_stage(plan: Plan, image: ImageRef, weights: WeightsManifest, settin
     """Serve the FlagOS stack and the reference, gate every benchmark item by item; fail unless every gated one passed."""
     logger = get_run_logger()
     outputs = settings.release_dir(plan.release, plan.fingerprint)
-    candidate, reference = image_sources(plan, image.by_digest, Path(weights.folder), settings.candidate_url,
-                                         settings.reference_url, settings.engine_cache_dir, settings.candidate_env)
+    endpoints = [Endpoint(url, name) if url else None for url, name in
+                 ((settings.candidate_url, settings.candidate_name), (settings.reference_url, settings.reference_name))]
+    candidate, reference = image_sources(plan, image.by_digest, Path(weights.folder), *endpoints,
+                                         settings.engine_cache_dir, settings.candidate_env)
     needs_engine = candidate.serve is not None or (reference is not None and reference.serve is not None)
     client = None
     if needs_engine:

@@ -35,11 +35,15 @@ def evaluation_table(report: EvaluationReport) -> list[dict[str, str]]:
         gate = outcome.gate
         rows.append({
             "benchmark": outcome.benchmark,
+            "items x repeats": f"{gate.items} x {gate.repeats}" if gate else "n/a",
             "native": f"{gate.native_accuracy:.3f}" if gate else "n/a",
             "FlagOS": f"{gate.flagos_accuracy:.3f}" if gate else "n/a",
-            "delta (pp)": f"{-gate.drop * 100:+.2f}" if gate else "n/a",
-            "95% CI of drop (pp)": f"[{gate.ci_low * 100:+.2f}, {gate.ci_high * 100:+.2f}]" if gate else "n/a",
+            "drop (pp, native - FlagOS)": f"{gate.drop * 100:+.2f}" if gate else "n/a",
+            "90% interval of drop (pp)": f"[{gate.ci_low * 100:+.2f}, {gate.ci_high * 100:+.2f}]" if gate else "n/a",
+            "margin (pp)": f"+/-{gate.margin * 100:.1f}" if gate else "n/a",
+            "detectable drop (pp)": f"{gate.detectable_drop * 100:.1f}" if gate else "n/a",
             "verdict": outcome.verdict.value + ("" if outcome.gated else " (not gated)"),
+            "why": outcome.explanation or "",
             "FlagOS operator calls": _calls(outcome.operators.get("flagos")),
             "native operator calls": _calls(outcome.operators.get("native")),
         })

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from flows.build.cache import cache_root
@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     candidate_url: str | None = Field(default=None, description="an already-running FlagOS endpoint (OpenAI base URL "
                                       "ending in /v1) to evaluate instead of starting the image here (chip hosts)")
     reference_url: str | None = Field(default=None, description="an already-running native endpoint to compare with")
+    candidate_name: str | None = Field(default=None, description="what the candidate endpoint serves, for an engine "
+                                       "that reports no identity (its answers are stored under this name)")
+    reference_name: str | None = Field(default=None, description="what the reference endpoint serves, likewise")
     candidate_env: dict[str, str] = Field(default_factory=dict, description="extra environment of the FlagOS "
                                           "container (JSON object), for diagnosis: e.g. FLAGOS_OPS to switch a subset "
                                           "of our operators, FLAGOS_FAULT for the must-fail control; recorded in the "
@@ -46,6 +49,14 @@ class Settings(BaseSettings):
     hub_org: str = Field(default="FlagRelease", description="organisation of the hub repos the cards are pushed to")
     registry_override: str | None = Field(default=None, description="host:port that replaces the registry of every "
                                           "release repository (test and staging registries); not part of fingerprints")
+
+    @model_validator(mode="after")
+    def _names_need_endpoints(self) -> "Settings":
+        for side in ("candidate", "reference"):
+            if getattr(self, f"{side}_name") and not getattr(self, f"{side}_url"):
+                raise ValueError(f"FLAGRELEASE_{side.upper()}_NAME names an endpoint but FLAGRELEASE_{side.upper()}_URL "
+                                 "is not set")
+        return self
 
     def repository_for(self, repository: str) -> str:
         if not self.registry_override:

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from engine.local import local_engine  # noqa: E402
 from flows.evaluate.benchmarks import load_definitions, load_items  # noqa: E402
 from flows.evaluate.client import ask_stack  # noqa: E402
-from flows.evaluate.stage import Evaluation, evaluate, image_sources  # noqa: E402
+from flows.evaluate.stage import Endpoint, Evaluation, evaluate, image_sources  # noqa: E402
 from flows.evaluate.store import ResultStore  # noqa: E402
 from flows.matrix import Benchmark, Suite, load_matrix  # noqa: E402
 from flows.plan import resolve  # noqa: E402
@@ -65,7 +65,8 @@ def main() -> int:
             ask_stack(url, SERVED_NAME, items[:64], definition, concurrency=64)  # warm-up: first launches compile
         summary["throughput"] = {name: throughput(url, items, definition) for name, url in urls.items()}
         for name in ("flagos", "broken"):
-            candidate, reference = image_sources(plan, "unused", Path("/nonexistent"), urls[name], urls["native"])
+            candidate, reference = image_sources(plan, "unused", Path("/nonexistent"), Endpoint(urls[name]),
+                                                 Endpoint(urls["native"]))
             evaluation = Evaluation(plan=plan, benchmarks_file=PROJECT_DIR / "benchmarks.yaml",
                                     store=ResultStore(args.out / f"store-{name}"), candidate=candidate,
                                     reference=reference, operators=[], concurrency=128, perf_concurrencies=(64,))
@@ -75,8 +76,8 @@ def main() -> int:
             summary[name] = {"verdict": report.verdict.value, "passed": report.passed,
                              "unavailable": report.outcomes[0].unavailable,
                              **({"native": gate.native_accuracy, "flagos": gate.flagos_accuracy, "drop": gate.drop,
-                                 "bounds": [gate.ci_low, gate.ci_high], "agreement": gate.agreement,
-                                 "mcnemar_p": gate.mcnemar_p} if gate else {}),
+                                 "interval": [gate.ci_low, gate.ci_high], "detectable": gate.detectable_drop,
+                                 "agreement": gate.agreement, "mcnemar_p": gate.mcnemar_p} if gate else {}),
                              "calls": {role: {o.name: o.calls for o in use.operators if o.calls}
                                        for role in ("flagos", "native") if (use := report.operator_use(role))}}
     (args.out / "h200-summary.json").write_text(json.dumps(summary, indent=1))

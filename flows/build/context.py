@@ -13,6 +13,7 @@ from pathlib import Path
 
 import jinja2
 
+from engine.server import BUILD_RECORD
 from flows.errors import FlagReleaseError
 from flows.files import sha256_file
 from flows.kernel_artifacts import KernelArtifacts
@@ -88,6 +89,12 @@ def render_serve_config(plan: Plan, project_dir: Path) -> tuple[str, str]:
     return config, text
 
 
+def build_record(plan: Plan) -> dict[str, str]:
+    """What the engine reports about the image it runs in, so an endpoint names what it serves."""
+    return {"release": plan.release, "chip": plan.chip.name, "model": plan.model_name,
+            "model_revision": plan.revision.fingerprint_value, "fingerprint": plan.fingerprint}
+
+
 def image_labels(plan: Plan, kernels_manifest_sha256: str, project_dir: Path, build_flags: dict[str, str]) -> dict[str, str]:
     revision, source = _git_identity(project_dir)
     labels = {
@@ -128,6 +135,7 @@ def assemble_context(plan: Plan, kernels: KernelArtifacts, base_image: str, whee
     (dest / "flagos").mkdir()
     manifest = _kernels_manifest(kernels)
     (dest / "flagos" / "kernels-manifest.json").write_text(manifest)
+    (dest / "flagos" / BUILD_RECORD).write_text(json.dumps(build_record(plan), indent=2, sort_keys=True) + "\n")
     config_name, config_text = render_serve_config(plan, project_dir)
     (dest / "serve").mkdir()
     (dest / "serve" / config_name).write_text(config_text)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from flows.build.cache import cache_root
 from flows.errors import FlagReleaseError
@@ -40,11 +40,21 @@ class PackageData(BaseModel):
 
 
 class Generated(BaseModel):
+    """Distinct operand pairs drawn from low..high: the range must hold `count` of them."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
     count: int = Field(ge=1)
     seed: int
     low: int
     high: int
+
+    @model_validator(mode="after")
+    def _enough_pairs(self) -> "Generated":
+        pairs = max(0, self.high - self.low + 1) ** 2
+        if self.count > pairs:
+            raise ValueError(f"count {self.count} exceeds the {pairs} distinct operand pairs of {self.low}..{self.high}; "
+                             "widen the range (repeated prompts would count the same evidence twice)")
+        return self
 
 
 class BenchmarkDefinition(BaseModel):
@@ -57,6 +67,12 @@ class BenchmarkDefinition(BaseModel):
     max_tokens: int = Field(ge=1)
     temperature: float = Field(default=0.0, ge=0, le=2, description="0: greedy; above 0 only with repeats")
     top_p: float = Field(default=1.0, gt=0, le=1)
+
+    @property
+    def chance(self) -> float:
+        """Accuracy of guessing: one of the offered letters, or nothing for an open answer (an empty or made-up
+        number is scored wrong)."""
+        return 1 / len(LETTERS) if self.answer == "letter" else 0.0
 
     @property
     def generation(self) -> dict[str, float | int]:
@@ -86,8 +102,12 @@ def load_definitions(path: Path) -> BenchmarkFile:
 
 
 def load_items(name: str, definition: BenchmarkDefinition, limit: int | None = None) -> list[Item]:
+    """The benchmark's items, each prompt once (the first item that asks it): a repeated prompt answers identically
+    under greedy decoding and would count as evidence twice."""
     texts = _source_texts(name, definition)
-    items = FORMATS[definition.format](texts, definition)
+    seen: set[str] = set()
+    items = [item for item in FORMATS[definition.format](texts, definition)
+             if not (item.prompt_hash in seen or seen.add(item.prompt_hash))]
     return items[:limit] if limit else items
 
 
@@ -153,10 +173,10 @@ def _gsm8k(texts: list[str], definition: BenchmarkDefinition) -> list[Item]:
 
 def _arithmetic(texts: list[str], definition: BenchmarkDefinition) -> list[Item]:
     spec = definition.generated
-    rng = random.Random(spec.seed)
+    span = spec.high - spec.low + 1
     items = []
-    for i in range(spec.count):
-        x, y = rng.randint(spec.low, spec.high), rng.randint(spec.low, spec.high)
+    for i, pair in enumerate(random.Random(spec.seed).sample(range(span * span), spec.count)):
+        x, y = spec.low + pair // span, spec.low + pair % span
         items.append(Item(f"arithmetic-{i}", f"What is {x} plus {y}? Answer with just the number.", str(x + y)))
     return items
 

@@ -7,6 +7,8 @@ it ran, so it is refused as either side of a comparison."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
 import requests
@@ -108,3 +110,23 @@ def usage(before: dict[str, Any], after: dict[str, Any] | None, role: str) -> Op
         ran = [f"{o.name} x{o.calls}" for o in use.operators if o.calls]
         raise StackRefused(f"the {role} stack ran our operators ({', '.join(ran)}); the reference must run none")
     return use
+
+
+def served_identity(report: dict[str, Any] | None) -> str | None:
+    """What an endpoint serves, from its report with the counters left out: its image build, checkpoint and every
+    switch, so a restart with another image, model, operator set or fault is another stack. None when the report
+    names neither a build nor a checkpoint (nothing to key answers by)."""
+    if report is None or not (report.get("build") or report.get("checkpoint")):
+        return None
+    fixed = {key: value for key, value in report.items() if key != "operators"}
+    fixed["operators"] = [{k: v for k, v in row.items() if k not in ("calls", "errors")}
+                          for row in report.get("operators", [])]
+    digest = hashlib.sha256(json.dumps(fixed, sort_keys=True).encode()).hexdigest()[:16]
+    build = report.get("build") or {}
+    on = [o["name"] for o in fixed["operators"] if o.get("enabled")]
+    parts = [f"build {build['fingerprint'][:12]}" if build.get("fingerprint") else "no image build",
+             f"checkpoint {str(report.get('checkpoint'))[:12]}",
+             f"our operators {'on (' + ', '.join(on) + ')' if on else 'off'}"]
+    if report.get("fault"):
+        parts.append(f"fault {report['fault']}")
+    return f"endpoint serving {'; '.join(parts)} [{digest}]"

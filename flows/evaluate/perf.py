@@ -3,7 +3,8 @@
 Streaming chat requests with a fixed prompt set and `max_tokens`; output tokens are counted one per content chunk
 (transformers serve, llama.cpp and vLLM stream a token per chunk; `stream_options` is not sent because transformers
 serve refuses it).
-Not gated by default; a suite's `perf_min_ratio` gates every concurrency on FlagOS/native throughput.
+Not gated by default; a suite's `perf_min_ratio` gates every concurrency on FlagOS/native throughput. A level
+where nothing could be counted says why ("not measured"), never 0 tokens/s as if measured.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class PerfPoint(BaseModel):
     output_tokens_per_s: float
     ttft_median_s: float | None  # None when no request succeeded
     errors: int
+    not_measured: str | None = None  # why no throughput could be measured (then output_tokens_per_s is 0)
 
 
 async def _measure(base_url: str, model: str, concurrency: int, requests_per_level: int, max_tokens: int) -> PerfPoint:
@@ -56,10 +58,16 @@ async def _measure(base_url: str, model: str, concurrency: int, requests_per_lev
     finally:
         await client.close()
     done = [o for o in outcomes if o is not None]
+    streamed = sum(tokens for _, tokens in done)
+    not_measured = None
+    if not done:
+        not_measured = f"all {requests_per_level} streaming requests failed"
+    elif streamed == 0:
+        not_measured = "the endpoint streamed no content chunks (it may not stream), so no tokens could be counted"
     return PerfPoint(concurrency=concurrency, requests=requests_per_level,
                      output_tokens_per_s=sum(tokens for _, tokens in done) / elapsed,
                      ttft_median_s=statistics.median(ttft for ttft, _ in done) if done else None,
-                     errors=len(outcomes) - len(done))
+                     errors=len(outcomes) - len(done), not_measured=not_measured)
 
 
 def measure_serving(base_url: str, model: str, concurrencies: tuple[int, ...] = (4,), requests_per_level: int = 4,

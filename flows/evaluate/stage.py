@@ -21,8 +21,8 @@ from pydantic import BaseModel, ConfigDict
 from flows.evaluate.benchmarks import BenchmarkDefinition, DatasetUnavailable, Item, load_definitions, load_items
 from flows.evaluate.client import ItemResult, ask_stack
 from flows.evaluate.container import ServeRequest, served
-from flows.evaluate.gate import BenchmarkGate, Verdict, gate_results, holm_fail, suite_verdict
-from flows.evaluate.operators import OperatorUse, StackRefused, check_switch, operator_report, usage
+from flows.evaluate.gate import BenchmarkGate, Verdict, gate_results, holm, repeat_schedule, suite_verdict
+from flows.evaluate.operators import OperatorUse, StackRefused, check_switch, operator_report, served_identity, usage
 from flows.evaluate.perf import PerfPoint, measure_serving
 from flows.evaluate.store import ReferenceUnavailable, ResultKey, ResultStore, Stack, prompts_digest, stack_description
 from flows.errors import FlagReleaseError
@@ -31,7 +31,7 @@ from flows.matrix import NATIVE_REFERENCE, Benchmark
 from flows.plan import Plan
 from kernels.report import OpResult
 
-REPORT_SCHEMA_VERSION = 1
+REPORT_SCHEMA_VERSION = 2
 
 
 class EvaluationFailed(FlagReleaseError):
@@ -54,10 +54,25 @@ class BenchmarkOutcome(BaseModel):
     unavailable: str | None = None
     note: str | None = None
     operators: dict[str, OperatorUse] = {}  # role -> what its engine ran while answering this benchmark
+    stacks: dict[str, str] = {}  # role -> what answered (image digest + environment, or what the endpoint serves)
 
     @property
     def verdict(self) -> Verdict:
         return self.gate.verdict if self.gate else Verdict.INCONCLUSIVE
+
+    @property
+    def explanation(self) -> str | None:
+        """Why the verdict is not PASS, in words (None on PASS)."""
+        if self.gate is None:
+            return self.unavailable
+        gate = self.gate
+        if gate.verdict == Verdict.FAIL:
+            return (f"FlagOS is worse by {gate.drop * 100:.2f} pp, beyond the {gate.margin * 100:.1f} pp margin "
+                    f"(interval [{gate.ci_low * 100:+.2f}, {gate.ci_high * 100:+.2f}] pp)")
+        if gate.verdict == Verdict.DIFFERS:
+            return (f"FlagOS is better by {-gate.drop * 100:.2f} pp, beyond the {gate.margin * 100:.1f} pp margin: "
+                    "the stacks differ (check the reference)")
+        return gate.reason
 
 
 class StackPerf(BaseModel):
@@ -86,6 +101,7 @@ class EvaluationReport(BaseModel):
     perf: list[StackPerf]
     perf_verdict: Verdict | None
     operators: list[OpResult]
+    publish_when_better: bool = False  # the suite's opt-in: DIFFERS (FlagOS better beyond the margin) may publish
 
     def operator_use(self, role: str) -> OperatorUse | None:
         """One stack's operator calls summed over the suite, with its engine (None: it answered nothing here)."""
@@ -97,22 +113,38 @@ class EvaluationReport(BaseModel):
 
     @property
     def passed(self) -> bool:
-        return self.verdict == Verdict.PASS and self.perf_verdict in (None, Verdict.PASS)
+        accepted = (Verdict.PASS, Verdict.DIFFERS) if self.publish_when_better else (Verdict.PASS,)
+        return self.verdict in accepted and self.perf_verdict in (None, Verdict.PASS)
 
     def failure_reason(self) -> str:
-        reasons = [f"{o.benchmark}: {o.verdict.value}" + (f" ({o.unavailable})" if o.unavailable else "")
-                   for o in self.outcomes if o.gated and o.verdict != Verdict.PASS]
-        if self.perf_verdict not in (None, Verdict.PASS):
-            reasons.append(f"serving throughput below the suite's ratio ({self.perf_verdict.value})")
+        reasons = [f"{o.benchmark}: {o.verdict.value}" + (f" ({o.explanation})" if o.explanation else "")
+                   for o in self.outcomes if o.gated and o.verdict != Verdict.PASS
+                   and not (o.verdict == Verdict.DIFFERS and self.publish_when_better)]
+        if self.perf_verdict == Verdict.FAIL:
+            reasons.append("serving throughput below the suite's ratio (FAIL)")
+        elif self.perf_verdict == Verdict.INCONCLUSIVE:
+            reasons.append("serving throughput ratio not shown (INCONCLUSIVE: "
+                           + ("; ".join(f"{s.stack}: {p.not_measured}" for s in self.perf for p in s.points
+                                        if p.not_measured) or "no native stack measured here") + ")")
         return "; ".join(reasons)
 
 
 @dataclass(frozen=True)
+class Endpoint:
+    """An already-running stack: its OpenAI base URL and, for an engine that reports no identity, the name the
+    engineer gives to what it serves (answers are stored under that name)."""
+
+    url: str
+    named: str | None = None
+
+
+@dataclass(frozen=True)
 class StackSource:
-    """How to reach one side: a URL given by the user, or the image served here with an environment."""
+    """How to reach one side: an endpoint given by the user, or the image served here with an environment."""
 
     stack: Stack
     url: str | None = None
+    named: str | None = None
     serve: ServeRequest | None = None
 
 
@@ -125,6 +157,22 @@ class Stacks:
     timeout_s: float
     _exits: ExitStack = field(default_factory=ExitStack)
     _current: tuple[str, str] | None = None
+
+    def stack(self, source: StackSource) -> Stack:
+        """Which stack answers for `source`: an image by its digest and environment; an endpoint by what it
+        reports serving now (a restart with another image or switch is another stack), or by the name the
+        engineer gave it; never by its URL alone."""
+        if source.url is None:
+            return source.stack
+        if source.named is not None:
+            return source.stack.model_copy(update={"served_by": f"endpoint named {source.named!r} by the engineer"})
+        identity = served_identity(operator_report(source.url))
+        if identity is None:
+            variable = f"FLAGRELEASE_{'CANDIDATE' if source.stack.role == 'flagos' else 'REFERENCE'}_NAME"
+            raise StackRefused(f"the {source.stack.role} endpoint {source.url} reports no identity (no build or "
+                               f"checkpoint in /flagos/operators), so its answers could not be told from another "
+                               f"stack's at the same URL; name what it serves in {variable}")
+        return source.stack.model_copy(update={"served_by": identity})
 
     def url(self, source: StackSource) -> str:
         if source.url is not None:
@@ -158,27 +206,28 @@ class Evaluation:
     verify_operators: bool = True
 
 
-def image_sources(plan: Plan, image: str, weights: Path, candidate_url: str | None, reference_url: str | None,
-                  cache: Path | None = None, candidate_env: dict[str, str] | None = None
-                  ) -> tuple[StackSource, StackSource | None]:
+def image_sources(plan: Plan, image: str, weights: Path, candidate_endpoint: Endpoint | None,
+                  reference_endpoint: Endpoint | None, cache: Path | None = None,
+                  candidate_env: dict[str, str] | None = None) -> tuple[StackSource, StackSource | None]:
     """The two sides of a release's comparison, as the matrix and the settings describe them; `candidate_env`
     adds to the FlagOS container's environment (diagnosis), which is part of the stack's identity."""
     serve = plan.chip.serve
     name = f"flagrelease-eval-{plan.release}-{plan.short_fingerprint}"
 
-    def side(role: str, environment: dict[str, str], url: str | None) -> StackSource:
-        if url is not None:
-            return StackSource(Stack(role=role, release=plan.release, served_by=url), url=url)
+    def side(role: str, environment: dict[str, str], endpoint: Endpoint | None) -> StackSource:
+        if endpoint is not None:
+            return StackSource(Stack(role=role, release=plan.release, served_by=endpoint.url), url=endpoint.url,
+                               named=endpoint.named)
         request = ServeRequest(image=image, name=f"{name}-{role}", weights=weights, port=serve.port,
                                flags=plan.chip.docker_run_flags, environment=environment, cache=cache)
         content = image.rpartition("@")[2]  # the digest: the same image behind another registry is the same stack
         return StackSource(Stack(role=role, release=plan.release, served_by=stack_description(content, environment)),
                            serve=request)
 
-    candidate = side("flagos", {**serve.flagos_env, **(candidate_env or {})}, candidate_url)
-    if reference_url is None and plan.reference != NATIVE_REFERENCE:
+    candidate = side("flagos", {**serve.flagos_env, **(candidate_env or {})}, candidate_endpoint)
+    if reference_endpoint is None and plan.reference != NATIVE_REFERENCE:
         return candidate, None
-    return candidate, side("native", serve.native_env, reference_url)
+    return candidate, side("native", serve.native_env, reference_endpoint)
 
 
 def evaluate(evaluation: Evaluation, client: docker.DockerClient | None, log: Callable[[str], None],
@@ -194,11 +243,15 @@ def evaluate(evaluation: Evaluation, client: docker.DockerClient | None, log: Ca
             outcomes.append(_evaluate_one(evaluation, stacks, name, benchmark, definitions.benchmarks[name],
                                           definitions.version, log))
         for source in (evaluation.candidate, evaluation.reference):
-            if source is not None:
+            if source is None:
+                continue
+            try:
                 perf[source.stack.role] = _perf(evaluation, stacks, source, log)
+            except StackRefused as exc:
+                log(f"serving performance of the {source.stack.role} stack not measured: {exc}")
     finally:
         stacks.close()
-    gates = holm_fail([o.gate for o in outcomes if o.gate is not None])
+    gates = holm([o.gate for o in outcomes if o.gate is not None])
     by_name = {g.benchmark: g for g in gates}
     outcomes = [o.model_copy(update={"gate": by_name.get(o.benchmark)}) for o in outcomes]
     gated = {o.benchmark for o in outcomes if o.gated}
@@ -210,7 +263,8 @@ def evaluate(evaluation: Evaluation, client: docker.DockerClient | None, log: Ca
         suite=plan.suite_name, suite_version=plan.suite.version, candidate=evaluation.candidate.stack.served_by,
         reference=evaluation.reference.stack.served_by if evaluation.reference else f"stored results of {plan.reference}",
         outcomes=outcomes, verdict=verdict, perf=[StackPerf(stack=role, points=points) for role, points in perf.items()],
-        perf_verdict=throughput_verdict(plan.suite.perf_min_ratio, perf), operators=evaluation.operators)
+        perf_verdict=throughput_verdict(plan.suite.perf_min_ratio, perf), operators=evaluation.operators,
+        publish_when_better=plan.suite.publish_when_better)
 
 
 def _revision(plan: Plan) -> str:
@@ -228,43 +282,59 @@ def _evaluate_one(evaluation: Evaluation, stacks: Stacks, name: str, benchmark: 
     key = ResultKey(model=plan.model_name, revision=_revision(plan), suite=plan.suite_name,
                     suite_version=plan.suite.version, benchmarks_version=benchmarks_version, benchmark=name,
                     generation=definition.generation, prompts=prompts_digest([i.prompt_hash for i in items]))
-    repeats, cap = benchmark.repeats, benchmark.max_repeats or benchmark.repeats
+    schedule = repeat_schedule(benchmark.repeats, benchmark.max_repeats, definition.temperature > 0)
     note = None
-    while True:
+    for look, repeats in enumerate(schedule):
         try:
-            reference, reference_use = _reference_results(evaluation, stacks, key, items, definition, repeats, log)
-            candidate, candidate_use = _results(evaluation, stacks, evaluation.candidate, key, items, definition,
-                                                repeats, log)
+            candidate_stack = stacks.stack(evaluation.candidate)
+            reference, reference_use, reference_stack = _reference_results(evaluation, stacks, candidate_stack, key,
+                                                                           items, definition, repeats, log)
+            candidate, candidate_use = _results(evaluation, stacks, evaluation.candidate, candidate_stack, key, items,
+                                                definition, repeats, log)
         except (ReferenceUnavailable, StackFailed, StackRefused) as exc:
             log(str(exc))
             return BenchmarkOutcome(benchmark=name, gated=benchmark.gated, repeats=repeats, gate=None,
                                     unavailable=str(exc))
-        gate = gate_results(name, reference, candidate, benchmark.margin_pp)
-        log(f"{name}: native {gate.native_accuracy:.3f}, FlagOS {gate.flagos_accuracy:.3f}, drop {gate.drop * 100:+.2f} pp "
-            f"[{gate.ci_low * 100:+.2f}, {gate.ci_high * 100:+.2f}] vs margin {benchmark.margin_pp} pp -> "
-            f"{gate.verdict.value} ({len(items)} items x {repeats})")
-        if gate.verdict != Verdict.INCONCLUSIVE or repeats >= cap:
+        gate = gate_results(name, reference, candidate, benchmark.margin_pp, looks=len(schedule),
+                            chance=definition.chance, max_unreadable=benchmark.max_unreadable)
+        log(f"{name}: native {gate.native_accuracy:.3f}, FlagOS {gate.flagos_accuracy:.3f}; drop (native minus FlagOS) "
+            f"{gate.drop * 100:+.2f} pp, interval [{gate.ci_low * 100:+.2f}, {gate.ci_high * 100:+.2f}], margin "
+            f"+/-{benchmark.margin_pp} pp, detectable {gate.detectable_drop * 100:.1f} pp -> {gate.verdict.value} "
+            f"({len(items)} items x {repeats}){f': {gate.reason}' if gate.reason else ''}")
+        if gate.verdict != Verdict.INCONCLUSIVE or gate.vacuous:
             break
-        if definition.temperature == 0:
+        if look + 1 < len(schedule):
+            log(f"{name}: INCONCLUSIVE, asking again with {schedule[look + 1]} repeats (cap {schedule[-1]})")
+        elif len(schedule) > 1:
+            note = f"still INCONCLUSIVE at the repeat cap ({repeats})"
+        elif (benchmark.max_repeats or 0) > repeats:
             note = "greedy decoding: more repeats would give the same answers; more items are needed"
-            break
-        repeats = min(cap, repeats * 2)
-        log(f"{name}: INCONCLUSIVE, asking again with {repeats} repeats (cap {cap})")
-    if gate.verdict == Verdict.INCONCLUSIVE and repeats >= cap and cap > benchmark.repeats:
-        note = f"still INCONCLUSIVE at the repeat cap ({cap})"
     uses = {role: use for role, use in (("native", reference_use), ("flagos", candidate_use)) if use is not None}
     return BenchmarkOutcome(benchmark=name, gated=benchmark.gated, repeats=repeats, gate=gate, note=note,
-                            operators=uses)
+                            operators=uses, stacks={"native": reference_stack.served_by,
+                                                    "flagos": candidate_stack.served_by})
 
 
 Answers = tuple[list[ItemResult], OperatorUse | None]
 
 
-def _reference_results(evaluation: Evaluation, stacks: Stacks, key: ResultKey, items: list[Item],
-                       definition: BenchmarkDefinition, repeats: int, log: Callable[[str], None]) -> Answers:
+def _refuse_same(reference: Stack, candidate: Stack) -> None:
+    if reference.served_by == candidate.served_by:
+        raise StackRefused(f"the native and the FlagOS stack are the same stack ({candidate.served_by}): the "
+                           "comparison would prove nothing; refused before any request")
+
+
+def _reference_results(evaluation: Evaluation, stacks: Stacks, candidate: Stack, key: ResultKey, items: list[Item],
+                       definition: BenchmarkDefinition, repeats: int, log: Callable[[str], None]
+                       ) -> tuple[list[ItemResult], OperatorUse | None, Stack]:
+    """The reference side: served here or at an endpoint, else the stored native results of another release;
+    refused when it is the candidate itself."""
     if evaluation.reference is not None:
-        return _results(evaluation, stacks, evaluation.reference, key, items, definition, repeats, log)
+        stack = stacks.stack(evaluation.reference)
+        _refuse_same(stack, candidate)
+        return (*_results(evaluation, stacks, evaluation.reference, stack, key, items, definition, repeats, log), stack)
     stack, stored, use = evaluation.store.reference(key, evaluation.plan.reference)
+    _refuse_same(stack, candidate)
     have = {r.repeat for r in stored}
     if not set(range(repeats)) <= have:
         raise ReferenceUnavailable(f"{key.benchmark}: the stored native results from {stack.release!r} have "
@@ -274,15 +344,15 @@ def _reference_results(evaluation: Evaluation, stacks: Stacks, key: ResultKey, i
                            f"stack (operator report: {'none' if use is None else f'{use.calls} calls of ours'}); "
                            f"re-run `flagrelease run {stack.release}`")
     log(f"{key.benchmark}: native results from {stack.release} ({stack.served_by})")
-    return [r for r in stored if r.repeat < repeats], use
+    return [r for r in stored if r.repeat < repeats], use, stack
 
 
-def _results(evaluation: Evaluation, stacks: Stacks, source: StackSource, key: ResultKey, items: list[Item],
-             definition: BenchmarkDefinition, repeats: int, log: Callable[[str], None]) -> Answers:
+def _results(evaluation: Evaluation, stacks: Stacks, source: StackSource, stack: Stack, key: ResultKey,
+             items: list[Item], definition: BenchmarkDefinition, repeats: int, log: Callable[[str], None]) -> Answers:
     """This side's results for repeats 0..repeats-1: stored ones reused, the missing ones asked and stored, each
     span of asking bracketed by the engine's operator report (checked against the stack's role)."""
-    role = source.stack.role
-    stored, use = evaluation.store.load(key, source.stack) or ([], None)
+    role = stack.role
+    stored, use = evaluation.store.load(key, stack) or ([], None)
     if evaluation.verify_operators and use is None:
         stored = []  # answers without an operator report prove nothing about what ran: ask again
     missing = sorted(set(range(repeats)) - {r.repeat for r in stored})
@@ -306,22 +376,27 @@ def _results(evaluation: Evaluation, stacks: Stacks, source: StackSource, key: R
             log(f"{key.benchmark}: {role} stack ran our operators {use.calls} times "
                 f"({', '.join(f'{o.name} {o.calls}' for o in use.operators if o.calls) or 'none'})")
         stored = stored + asked
-        evaluation.store.save(key, source.stack, stored, use)
+        evaluation.store.save(key, stack, stored, use)
     else:
         log(f"{key.benchmark}: {role} results reused from the store ({len(stored)} answers)")
     return [r for r in stored if r.repeat < repeats], use
 
 
 def _perf(evaluation: Evaluation, stacks: Stacks, source: StackSource, log: Callable[[str], None]) -> list[PerfPoint]:
-    stored = evaluation.store.load_perf(source.stack)
+    stack = stacks.stack(source)
+    stored = evaluation.store.load_perf(stack)
     if stored is not None:
         return stored
     points = measure_serving(stacks.url(source), evaluation.plan.model.served_name, evaluation.perf_concurrencies)
     for point in points:
+        if point.not_measured:
+            log(f"{stack.role} serving at concurrency {point.concurrency}: not measured ({point.not_measured})")
+            continue
         ttft = f"{point.ttft_median_s * 1000:.0f} ms" if point.ttft_median_s is not None else "n/a"
-        log(f"{source.stack.role} serving at concurrency {point.concurrency}: {point.output_tokens_per_s:.1f} output "
+        log(f"{stack.role} serving at concurrency {point.concurrency}: {point.output_tokens_per_s:.1f} output "
             f"tokens/s, TTFT median {ttft}, {point.errors} error(s)")
-    evaluation.store.save_perf(source.stack, points)
+    if not any(point.not_measured for point in points):
+        evaluation.store.save_perf(stack, points)  # a failed measurement is tried again next run
     return points
 
 
@@ -330,6 +405,8 @@ def throughput_verdict(min_ratio: float | None, perf: dict[str, list[PerfPoint]]
         return None
     if "native" not in perf or "flagos" not in perf:
         return Verdict.INCONCLUSIVE  # no native stack measured here: the ratio cannot be shown
+    if any(p.not_measured for points in perf.values() for p in points):
+        return Verdict.INCONCLUSIVE
     native = {p.concurrency: p.output_tokens_per_s for p in perf["native"]}
     ok = all(p.output_tokens_per_s >= min_ratio * native[p.concurrency] for p in perf["flagos"])
     return Verdict.PASS if ok else Verdict.FAIL

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict
 from flows.build.context import MODEL_MOUNT
 from flows.build.image import ImageRef
 from flows.errors import FlagReleaseError
+from flows.evaluate.gate import Verdict
 from flows.evaluate.operators import OperatorUse
 from flows.evaluate.stage import EvaluationReport
 from flows.matrix import NATIVE_REFERENCE
@@ -43,8 +44,10 @@ class ScoreRow(BaseModel):
     metric: str
     reference: str
     flagos: str
-    delta: str
-    bounds: str
+    size: str  # items x repeats
+    drop: str  # native minus FlagOS, pp
+    interval: str
+    detectable: str
     verdict: str
 
 
@@ -65,7 +68,7 @@ class CardData(BaseModel):
     reference_label: str
     reference_column: str
     scores: list[ScoreRow]
-    items_note: str
+    consistency_claim: str
     operators: list[str]
     operator_summary: str
     image_contents: str
@@ -139,16 +142,41 @@ def client_snippet(base_url: str, served_name: str) -> str:
 
 
 def score_rows(report: EvaluationReport) -> list[ScoreRow]:
+    """One row per gated benchmark, in the gate's own convention: the drop is native minus FlagOS."""
     rows = []
     for outcome in report.outcomes:
         gate = outcome.gate
         if gate is None:
             continue  # the report would not have passed with a gated benchmark missing; an ungated one is left out
+        margin = gate.margin * 100
+        if gate.verdict == Verdict.PASS:
+            verdict = f"PASS: consistent within +/-{margin:.1f} pp"
+        elif gate.verdict == Verdict.DIFFERS:
+            verdict = f"DIFFERS: FlagOS better by {-gate.drop * 100:.2f} pp"
+        else:
+            verdict = gate.verdict.value
         rows.append(ScoreRow(metric=outcome.benchmark.upper(), reference=f"{gate.native_accuracy:.3f}",
-                             flagos=f"{gate.flagos_accuracy:.3f}", delta=f"{gate.drop * 100 + 0.0:+.2f}",
-                             bounds=f"[{gate.ci_low * 100:+.2f}, {gate.ci_high * 100:+.2f}]",
-                             verdict=outcome.verdict.value + ("" if outcome.gated else " (not gated)")))
+                             flagos=f"{gate.flagos_accuracy:.3f}", size=f"{gate.items:,} x {gate.repeats}",
+                             drop=f"{gate.drop * 100 + 0.0:+.2f}",
+                             interval=f"[{gate.ci_low * 100:+.2f}, {gate.ci_high * 100:+.2f}]",
+                             detectable=f"{gate.detectable_drop * 100:.1f} (margin {margin:.1f})",
+                             verdict=verdict + ("" if outcome.gated else " (not gated)")))
     return rows
+
+
+def consistency_claim(report: EvaluationReport) -> str:
+    """What the evaluation showed, claiming consistency only where a benchmark passed."""
+    gated = [o for o in report.outcomes if o.gated and o.gate is not None]
+    better = [o for o in gated if o.verdict == Verdict.DIFFERS]
+    passed = [o.benchmark.upper() for o in gated if o.verdict == Verdict.PASS]
+    claim = (f"{', '.join(passed)} {'was' if len(passed) == 1 else 'were'} shown consistent with the reference: the "
+             "two-sided interval of the drop lies inside the benchmark's margin" if passed else "")
+    if better:
+        scored = ", ".join(f"{o.benchmark.upper()} by {-o.gate.drop * 100:.2f} pp" for o in better)
+        claim += ("; " if claim else "") + (f"the FlagOS stack scored better than the reference beyond the margin on "
+                                             f"{scored}, so it is not claimed consistent there (the suite publishes "
+                                             "such results by its publish_when_better setting)")
+    return claim[0].upper() + claim[1:] + "."
 
 
 def kernels_note(plan: Plan, use: OperatorUse) -> str:
@@ -176,6 +204,9 @@ def card_data(plan: Plan, image: ImageRef, image_config: dict, report: Evaluatio
     labels = image_config.get("config", {}).get("Labels") or {}
     tools = {key.removeprefix("flagrelease.tool."): value for key, value in labels.items()
              if key.startswith("flagrelease.tool.")}
+    if not report.passed:
+        raise CardError([f"the evaluation did not pass ({report.verdict.value}: {report.failure_reason()}); no card "
+                         "is published for it"])
     flagos = report.operator_use("flagos")
     if flagos is None:
         raise CardError(["the evaluation report has no operator report of the FlagOS stack: nothing shows that "
@@ -203,8 +234,7 @@ def card_data(plan: Plan, image: ImageRef, image_config: dict, report: Evaluatio
                          if plan.reference == NATIVE_REFERENCE else
                          f"{plan.model.display_name} on the native {reference_vendor} stack"),
         reference_column=f"{plan.model.display_name}-{reference_vendor}-native",
-        scores=score_rows(report), items_note=", ".join(
-            f"{o.benchmark.upper()} {o.gate.items} items x {o.repeats}" for o in report.outcomes if o.gate),
+        scores=score_rows(report), consistency_claim=consistency_claim(report),
         operators=operator_names or ["none recorded"],
         image_contents=(f"{serving} with PyTorch {versions.get('torch', 'unknown')}, Triton "
                         f"{versions.get('triton', 'unknown')} and our Triton kernels, switched on by USE_FLAGGEMS=1"),

@@ -4,6 +4,7 @@ refused at start-up with one line."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import requests
 
 from flows.evaluate.benchmarks import load_definitions, load_items
 from flows.evaluate.client import ask_stack
-from flows.evaluate.operators import StackRefused, check_switch, operator_report, usage
+from flows.evaluate.operators import StackRefused, check_switch, operator_report, served_identity, usage
 from tests.conftest import PROJECT_DIR
 from tests.engine.conftest import SERVED_NAME, engine_server
 
@@ -38,9 +39,12 @@ def answers(url: str, arithmetic, role: str):
 def test_both_stacks_answer_alike_and_only_the_flagos_stack_runs_our_kernels(smollm2_gguf: Path, arithmetic):
     with engine_server(smollm2_gguf, {"USE_FLAGGEMS": "0"}) as native_url:
         listed = requests.get(f"{native_url}/models", timeout=5).json()
+        native_identity = served_identity(operator_report(native_url))
         native, native_use = answers(native_url, arithmetic, "native")
     with engine_server(smollm2_gguf, {"USE_FLAGGEMS": "1"}) as flagos_url:
+        flagos_report = operator_report(flagos_url)
         flagos, flagos_use = answers(flagos_url, arithmetic, "flagos")
+        assert served_identity(operator_report(flagos_url)) == served_identity(flagos_report)  # counters moved only
         with pytest.raises(StackRefused, match="the native stack has our operators switched on"):
             check_switch("native", operator_report(flagos_url))
     assert [m["id"] for m in listed["data"]] == [SERVED_NAME]
@@ -50,6 +54,9 @@ def test_both_stacks_answer_alike_and_only_the_flagos_stack_runs_our_kernels(smo
     assert set(ran) == {"rms_norm", "silu_and_mul", "rotary_embedding"} and flagos_use.mode == "interpreted"
     assert ran["rms_norm"] == 2 * ran["silu_and_mul"] + ran["silu_and_mul"] // 30  # 2 per layer + the final norm
     assert flagos_use.versions["transformers"] == "5.22.2" and flagos_use.engine == "transformers-serve"
+    # what each endpoint serves: no image build here (a source checkout), the GGUF's sha256, the switches
+    assert flagos_report["build"] is None and flagos_report["checkpoint"] == hashlib.sha256(smollm2_gguf.read_bytes()).hexdigest()
+    assert native_identity != served_identity(flagos_report) and "our operators off" in native_identity
     identical = sum(a.response == b.response for a, b in zip(native, flagos))
     assert identical >= ITEMS * 3 // 4, [(a.response, b.response) for a, b in zip(native, flagos)]
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from flows.evaluate.gate import Verdict
-from flows.evaluate.stage import Evaluation, evaluate, image_sources
+from flows.evaluate.stage import Endpoint, Evaluation, evaluate, image_sources
 from flows.evaluate.store import ResultStore
 from flows.matrix import Benchmark, Suite, load_matrix
 from flows.plan import Plan, resolve
@@ -20,6 +20,7 @@ from kernels.report import OpResult
 from tests.conftest import PROJECT_DIR, free_port
 from tests.evaluate.conftest import llama_server, requantized
 
+ITEMS = 90  # identical answers PASS a 3 pp margin from 54 items; the detectable drop is below it from 81
 OPERATORS = [OpResult("rms_norm", "bfloat16", "4096x2048", 0.0078, 0.0039, 0.016, 0.016, True)]
 
 
@@ -29,10 +30,14 @@ def plan_with(suite: dict[str, Benchmark], reference: str = "native") -> Plan:
 
 
 def run(plan: Plan, store: Path, candidate: str, reference: str | None, lines: list[str],
-        benchmarks_file: Path = PROJECT_DIR / "benchmarks.yaml", verify_operators: bool = False):
+        benchmarks_file: Path = PROJECT_DIR / "benchmarks.yaml", verify_operators: bool = False,
+        names: tuple[str | None, str | None] = ("control A", "control B")):
     """The stage over llama.cpp stacks: quantisation controls for the gate, not FlagOS engines, so their operator
-    reports are not asked for unless `verify_operators` (the release flow always asks)."""
-    candidate_source, reference_source = image_sources(plan, "unused", Path("/nonexistent"), candidate, reference)
+    reports are not asked for unless `verify_operators` (the release flow always asks). llama.cpp reports no
+    identity, so each endpoint is named, as an engineer would name a foreign engine."""
+    candidate_source, reference_source = image_sources(
+        plan, "unused", Path("/nonexistent"), Endpoint(candidate, names[0]),
+        Endpoint(reference, names[1]) if reference else None)
     evaluation = Evaluation(plan=plan, benchmarks_file=benchmarks_file, store=ResultStore(store),
                             candidate=candidate_source, reference=reference_source, operators=OPERATORS,
                             perf_concurrencies=(1, 2), verify_operators=verify_operators)
@@ -60,33 +65,51 @@ def two_stacks(smollm2_gguf: Path):
 
 def test_the_same_stack_passes_renders_and_is_reused_without_asking_again(two_stacks, tmp_path: Path):
     native, candidate = two_stacks
-    plan = plan_with({"arithmetic": Benchmark(margin_pp=3.0, limit=30), "mmlu": Benchmark(margin_pp=3.0, limit=8, gated=False)})
+    plan = plan_with({"arithmetic": Benchmark(margin_pp=3.0, limit=ITEMS), "mmlu": Benchmark(margin_pp=3.0, limit=8, gated=False)})
     lines: list[str] = []
     report = run(plan, tmp_path, candidate, native, lines)
     assert report.verdict == Verdict.PASS and report.passed
     arithmetic, mmlu = report.outcomes
-    assert arithmetic.gate.items == 30 and arithmetic.gate.drop == 0 and arithmetic.gate.agreement == 1.0
-    assert mmlu.gated is False and mmlu.gate.items == 8
+    assert arithmetic.gate.items == ITEMS and arithmetic.gate.drop == 0 and arithmetic.gate.agreement == 1.0
+    assert arithmetic.stacks == {"native": "endpoint named 'control B' by the engineer",
+                                 "flagos": "endpoint named 'control A' by the engineer"}
+    assert mmlu.gated is False and mmlu.gate.items == 8 and mmlu.verdict == Verdict.INCONCLUSIVE
     assert {p.stack for p in report.perf} == {"native", "flagos"}
     assert all(p.output_tokens_per_s > 0 and p.errors == 0 for s in report.perf for p in s.points)
     markdown = evaluation_markdown(report)
-    assert "**PASS**" in markdown and "| arithmetic | 30 x 1 |" in markdown and "| rms_norm | bfloat16 |" in markdown
+    assert "**PASS**" in markdown and f"| arithmetic | {ITEMS} x 1 |" in markdown and "| rms_norm | bfloat16 |" in markdown
     assert [row["benchmark"] for row in evaluation_table(report)] == ["arithmetic", "mmlu"]
     assert evaluation_table(report)[1]["verdict"].endswith("(not gated)")
-    assert any("asking the flagos stack 30 items x 1 repeat(s)" in line for line in lines)
+    assert any(f"asking the flagos stack {ITEMS} items x 1 repeat(s)" in line for line in lines)
 
-    # same URLs, nothing listening any more: every answer and perf point must come from the store
+    # the same named stacks: every answer and perf point comes from the store, wherever they are served now
     dead = f"http://127.0.0.1:{free_port()}/v1"
     again: list[str] = []
-    store_only = run(plan, tmp_path, candidate, native, again)
-    assert store_only.model_dump(exclude={"perf"}) == report.model_dump(exclude={"perf"})
+    store_only = run(plan, tmp_path, dead, native, again)
+    assert store_only.model_dump(exclude={"perf", "candidate"}) == report.model_dump(exclude={"perf", "candidate"})
     assert store_only.perf == report.perf
     assert not any("asking" in line for line in again)
-    moved = run(plan, tmp_path, dead, native, [])  # another endpoint is another stack: asked again, all errors
-    assert moved.verdict == Verdict.INCONCLUSIVE and moved.outcomes[0].gate is None
-    assert "30 of 30 request(s) to the flagos stack failed after retries" in moved.outcomes[0].unavailable
+    # another name is another stack: asked again, and a dead endpoint's failed answers are not kept
+    renamed = run(plan, tmp_path, dead, native, [], names=("control C", "control B"))
+    assert renamed.verdict == Verdict.INCONCLUSIVE and renamed.outcomes[0].gate is None
+    assert f"{ITEMS} of {ITEMS} request(s) to the flagos stack failed after retries" in renamed.outcomes[0].unavailable
     records = [json.loads(path.read_text()) for path in tmp_path.rglob("*.json") if "perf" not in path.parts]
-    assert records and not any(record["stack"]["served_by"] == dead for record in records)  # failed answers not kept
+    assert records and not any("control C" in record["stack"]["served_by"] for record in records)
+    # an endpoint that reports no identity and is not named is refused: its URL alone names nothing
+    unnamed = run(plan, tmp_path, candidate, native, [], names=(None, "control B"))
+    assert "the flagos endpoint" in unnamed.outcomes[0].unavailable
+    assert "reports no identity" in unnamed.outcomes[0].unavailable and "FLAGRELEASE_CANDIDATE_NAME" in unnamed.outcomes[0].unavailable
+
+
+def test_the_same_stack_on_both_sides_is_refused_before_any_request(two_stacks, tmp_path: Path):
+    native, candidate = two_stacks
+    lines: list[str] = []
+    report = run(plan_with({"arithmetic": Benchmark(margin_pp=3.0, limit=ITEMS)}), tmp_path, candidate, native, lines,
+                 names=("one llama.cpp", "one llama.cpp"))
+    [outcome] = report.outcomes
+    assert report.verdict == Verdict.INCONCLUSIVE and not report.passed
+    assert "the native and the FlagOS stack are the same stack (endpoint named 'one llama.cpp'" in outcome.unavailable
+    assert not any("asking the" in line for line in lines) and not list(tmp_path.rglob("*.jsonl"))
 
 
 def test_missing_data_and_a_missing_reference_never_pass(two_stacks, tmp_path: Path):
@@ -106,23 +129,23 @@ def test_missing_data_and_a_missing_reference_never_pass(two_stacks, tmp_path: P
 
 
 def test_a_sampled_inconclusive_benchmark_is_asked_again_with_more_repeats(smollm2_gguf: Path, tmp_path: Path):
-    """Q4_1 as the candidate against its Q8_0 requantisation as the reference, sampled at temperature 1 on 12 items
-    with a 5 pp margin: one sample per item cannot exclude the margin (measured: drop +8.3 pp, bounds [0, +25]), so
-    the stage doubles the repeats (seed 1234 + k on both sides) up to the cap."""
+    """Q4_1 as the candidate against its Q8_0 requantisation as the reference, sampled at temperature 0.6 on 24
+    items with a 5 pp margin: one sample per item cannot decide at that margin (too few items), so the stage doubles
+    the repeats (seed 1234 + k on both sides) up to the cap."""
     definitions = (PROJECT_DIR / "benchmarks.yaml").read_text().replace(
-        "    max_tokens: 12", "    max_tokens: 12\n    temperature: 1.0")
+        "    max_tokens: 12", "    max_tokens: 12\n    temperature: 0.6")
     benchmarks_file = tmp_path / "benchmarks.yaml"
     benchmarks_file.write_text(definitions)
-    plan = plan_with({"arithmetic": Benchmark(margin_pp=5.0, limit=12, repeats=1, max_repeats=4)})
+    plan = plan_with({"arithmetic": Benchmark(margin_pp=5.0, limit=24, repeats=1, max_repeats=4)})
     lines: list[str] = []
     with llama_server(smollm2_gguf, alias="smollm2-135m-flagos") as q4_1, \
             llama_server(requantized(smollm2_gguf, "Q8_0"), alias="smollm2-135m-flagos") as q8_0:
         report = run(plan, tmp_path / "store", q4_1, q8_0, lines, benchmarks_file)
     [outcome] = report.outcomes
-    assert any("INCONCLUSIVE, asking again with 2 repeats (cap 4)" in line for line in lines), lines
+    assert any("INCONCLUSIVE, asking again with 2 repeats (cap 4)" in line for line in lines), "\n".join(lines)
     assert outcome.repeats == 4 or outcome.gate.verdict != Verdict.INCONCLUSIVE
     if outcome.gate.verdict == Verdict.INCONCLUSIVE:
         assert outcome.note == "still INCONCLUSIVE at the repeat cap (4)" and report.verdict != Verdict.PASS
     stored = [json.loads(line) for path in (tmp_path / "store").rglob("*.jsonl") for line in path.read_text().splitlines()]
     assert {row["repeat"] for row in stored} == set(range(outcome.repeats))
-    assert len(stored) == 2 * 12 * outcome.repeats  # both stacks, every item, every repeat, asked once
+    assert len(stored) == 2 * 24 * outcome.repeats  # both stacks, every item, every repeat, asked once

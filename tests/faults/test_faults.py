@@ -6,6 +6,7 @@ release (its storage is the snapshot later cases start from), so no case pays fo
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import shutil
@@ -169,6 +170,35 @@ def test_an_endpoint_answering_garbage_for_some_items(bench: Bench, smollm2_gguf
     assert counter["n"] >= SMALL_SUITE_ITEMS and state.is_failed() and verdict != "PASS" and latest_digest(host) is None
     record("endpoint garbles 1 answer in 4", "not PASS, nothing published",
            f"{state.type.value}; verdict {verdict}", blobs_complete(host))
+
+
+def test_a_candidate_replaced_behind_the_same_url_is_asked_again_not_reused(bench: Bench, smollm2_gguf: Path):
+    """A chip host keeps the candidate's URL while the engine behind it changes (here a proxy's target moves from a
+    healthy FlagOS engine to one with gate and up swapped). Answers are keyed by what the endpoint reports serving,
+    so the second run asks the new stack and FAILs instead of reusing the first stack's answers. Its own state
+    folder: the garbage case stored answers under the healthy engine's identity (the proxy is invisible to it)."""
+    registry = bench.registry("same-url", SNAPSHOT["built"])
+    host = f"127.0.0.1:{registry.registry_port}"
+    own = dataclasses.replace(bench, state=bench.root / "state-same-url")
+    with engine_server(smollm2_gguf, {"USE_FLAGGEMS": "1"}) as healthy:
+        proxy = Proxy(healthy.removesuffix("/v1"))
+        url = f"http://127.0.0.1:{proxy.port}/v1"
+        try:
+            first = own.run(host, FLAGRELEASE_CANDIDATE_URL=url)
+            first_report = evaluation_of(own)
+            with engine_server(smollm2_gguf, {"USE_FLAGGEMS": "1", "FLAGOS_FAULT": "gate-up-swapped"}) as broken:
+                proxy.target = broken.removesuffix("/v1")
+                second = own.run(host, FLAGRELEASE_CANDIDATE_URL=url)
+        finally:
+            proxy.close()
+    second_report = evaluation_of(own)
+    [before], [after] = first_report["outcomes"], second_report["outcomes"]
+    assert first.is_completed() and first_report["verdict"] == "PASS"
+    assert second.is_failed() and second_report["verdict"] == "FAIL" and latest_digest(host) == image_digest(own)
+    assert "fault gate-up-swapped" in after["stacks"]["flagos"] and before["stacks"]["flagos"] != after["stacks"]["flagos"]
+    assert before["stacks"]["native"] == after["stacks"]["native"]  # the image stack: reused, as it should be
+    record("candidate replaced behind the same URL", "asked again, FAIL, latest stays on the passed image",
+           f"{second.type.value}; verdict {first_report['verdict']} -> {second_report['verdict']}", blobs_complete(host))
 
 
 def test_the_flow_killed_in_the_middle_of_publish_then_rerun(bench: Bench):

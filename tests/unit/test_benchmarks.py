@@ -19,10 +19,11 @@ def test_every_suite_benchmark_of_the_matrix_is_defined():
     assert {b for suite in suites.values() for b in suite.benchmarks} <= set(DEFINITIONS)
 
 
-@pytest.mark.parametrize("name,count", [("mmlu", 14042), ("gpqa", 198), ("aime", 30), ("gsm8k", 1319), ("arithmetic", 1000)])
+# MMLU ships 14,042 rows of which 105 repeat an earlier prompt: each prompt is asked once
+@pytest.mark.parametrize("name,count", [("mmlu", 13937), ("gpqa", 198), ("aime", 30), ("gsm8k", 1319), ("arithmetic", 1000)])
 def test_item_counts_and_gold_answers(name: str, count: int):
     items = load_items(name, DEFINITIONS[name])
-    assert len(items) == count and len({i.id for i in items}) == count
+    assert len(items) == count and len({i.id for i in items}) == count and len({i.prompt for i in items}) == count
     kind = DEFINITIONS[name].answer
     assert all(i.gold in "ABCD" and len(i.gold) == 1 for i in items) if kind == "letter" else \
         all(i.gold.lstrip("-").isdigit() for i in items)
@@ -52,6 +53,25 @@ def test_arithmetic_is_deterministic_and_limited():
     assert len(items) == 3 and items == load_items("arithmetic", DEFINITIONS["arithmetic"], limit=3)
     x, y = map(int, items[0].prompt.removeprefix("What is ").removesuffix("? Answer with just the number.").split(" plus "))
     assert items[0].gold == str(x + y)
+
+
+def test_generated_items_are_distinct_and_a_range_too_small_for_its_count_is_refused():
+    from pydantic import ValidationError
+
+    from flows.evaluate.benchmarks import Generated
+
+    spec = DEFINITIONS["arithmetic"].generated
+    assert spec.count <= (spec.high - spec.low + 1) ** 2
+    with pytest.raises(ValidationError, match="count 401 exceeds the 400 distinct operand pairs of 1..20"):
+        Generated(count=401, seed=1, low=1, high=20)
+
+
+def test_a_repeated_packaged_prompt_is_asked_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("FLAGRELEASE_DATASETS_DIR", str(tmp_path))
+    (tmp_path / "musr.jsonl").write_text('{"id": "m1", "question": "Who? A. x B. y", "answer": "B"}\n'
+                                         '{"id": "m2", "question": "Who? A. x B. y", "answer": "B"}\n'
+                                         '{"id": "m3", "question": "Where? A. x B. y", "answer": "A"}\n')
+    assert [i.id for i in load_items("musr", DEFINITIONS["musr"])] == ["m1", "m3"]
 
 
 def test_missing_local_data_is_named_not_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):

@@ -116,6 +116,9 @@ def test_context_has_hashed_wheels_kernels_manifest_and_labels(tmp_path: Path):
     assert {"server.py", "operators.py", "adapters.py", "architectures.yaml"} <= {p.name for p in (context.path / "engine").iterdir()}
     manifest = json.loads((context.path / "flagos" / "kernels-manifest.json").read_text())
     assert manifest["consistency"][0]["op"] == "rms_norm" and manifest["aot"] is None
+    build = json.loads((context.path / "flagos" / "build.json").read_text())  # what the engine reports serving
+    assert build == {"release": "smollm2-cpu", "chip": "cpu", "model": "smollm2-135m-instruct",
+                     "model_revision": plan.revision.fingerprint_value, "fingerprint": plan.fingerprint}
     labels = context.labels
     assert labels["flagrelease.fingerprint"] == plan.fingerprint
     assert labels["org.opencontainers.image.version"] == plan.short_fingerprint == context.version

@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 import pytest
 
 from flows.build.image import ImageRef
-from flows.evaluate.gate import paired_gate
+from flows.evaluate.gate import holm, paired_gate, suite_verdict
 from flows.evaluate.operators import OperatorCount, OperatorUse
 from flows.evaluate.stage import BenchmarkOutcome, EvaluationReport
 from flows.matrix import load_matrix
@@ -40,18 +40,25 @@ def operator_use(flagos: bool, mode: str = "interpreted") -> OperatorUse:
                        device="cpu", mode=mode if flagos else "native", flagos=flagos, fault=None, operators=rows)
 
 
-def report_for(plan, drops: dict[str, float], mode: str = "interpreted") -> EvaluationReport:
-    outcomes = []
-    for name, lose in drops.items():
-        native = {str(i): float(i % 2) for i in range(200)}
-        flagos = {k: (0.0 if v and int(k) < lose * 200 else v) for k, v in native.items()}
-        gate = paired_gate(name, native, flagos, 5.0)
-        outcomes.append(BenchmarkOutcome(benchmark=name, gated=True, repeats=1, gate=gate,
-                                         operators={"flagos": operator_use(True, mode), "native": operator_use(False)}))
+def report_for(plan, drops: dict[str, float], mode: str = "interpreted", gates: list | None = None,
+               publish_when_better: bool = False) -> EvaluationReport:
+    """A report over 200 items per benchmark where FlagOS loses `drops[name]` of them (or over the given gates),
+    its verdict decided by the gate's own suite rules."""
+    if gates is None:
+        gates = []
+        for name, lose in drops.items():
+            native = {str(i): float(i % 2) for i in range(200)}
+            flagos = {k: (0.0 if v and int(k) < lose * 200 else v) for k, v in native.items()}
+            gates.append(paired_gate(name, native, flagos, 5.0))
+    gates = holm(gates)
+    outcomes = [BenchmarkOutcome(benchmark=gate.benchmark, gated=True, repeats=1, gate=gate,
+                                 operators={"flagos": operator_use(True, mode), "native": operator_use(False)})
+                for gate in gates]
     return EvaluationReport(release=plan.release, fingerprint=plan.fingerprint, model=plan.model_name, revision="r1",
                             suite=plan.suite_name, suite_version=1, candidate="c", reference="r", outcomes=outcomes,
-                            verdict="PASS", perf=[], perf_verdict=None,
-                            operators=[OpResult("rms_norm", "bfloat16", "8x64", 0.004, 0.002, 0.016, 0.016, True)])
+                            verdict=suite_verdict(gates, {g.benchmark for g in gates}), perf=[], perf_verdict=None,
+                            operators=[OpResult("rms_norm", "bfloat16", "8x64", 0.004, 0.002, 0.016, 0.016, True)],
+                            publish_when_better=publish_when_better)
 
 
 def weights_for(plan) -> WeightsManifest:
@@ -123,6 +130,44 @@ def test_no_card_claims_our_kernels_ran_without_the_flagos_stacks_operator_repor
         card_data(plan, image, IMAGE_CONFIG, report, weights_for(plan), "CPU", ["First release."])
 
 
+def card_for(plan, report) -> str:
+    image = ImageRef(repository=plan.repository, version=plan.short_fingerprint, digest=DIGEST, built=True, pushed=True)
+    return render_card(card_data(plan, image, IMAGE_CONFIG, report, weights_for(plan), "Nvidia", ["First release."]),
+                       PROJECT_DIR / "templates")
+
+
+def seed_mmlu_gate():
+    """The seed card's MMLU scores (native 0.669, FlagOS 0.758) over 14,042 items."""
+    native = {str(i): float(i < 9_394) for i in range(14_042)}
+    flagos = {str(i): float(i < 9_000 or 9_394 <= i < 11_038) for i in range(14_042)}
+    return paired_gate("mmlu", native, flagos, 1.5, chance=0.25)
+
+
+def test_the_seed_cards_mmlu_gap_is_not_called_consistent():
+    plan = plan_for("qwen3-iluvatar")
+    passing = paired_gate("gpqa", {str(i): float(i % 2) for i in range(400)}, {str(i): float(i % 2) for i in range(400)}, 5.0)
+    report = report_for(plan, {}, gates=[seed_mmlu_gate(), passing])
+    assert report.verdict.value == "DIFFERS" and not report.passed
+    with pytest.raises(CardError, match="the evaluation did not pass \\(DIFFERS: mmlu: DIFFERS \\(FlagOS is better by 8.90 pp"):
+        card_for(plan, report)
+
+    card = card_for(plan, report_for(plan, {}, gates=[seed_mmlu_gate(), passing], publish_when_better=True))
+    [mmlu] = [line for line in card.splitlines() if line.startswith("| MMLU |")]
+    assert mmlu.startswith("| MMLU | 0.669 | 0.758 | 14,042 x 1 | -8.90 | [-9.")
+    assert mmlu.endswith("| DIFFERS: FlagOS better by 8.90 pp |") and "consistent" not in mmlu
+    assert ("GPQA was shown consistent with the reference: the two-sided interval of the drop lies inside the "
+            "benchmark's margin; the FlagOS stack scored better than the reference beyond the margin on MMLU by "
+            "8.90 pp, so it is not claimed consistent there") in card
+    assert validate_card(card) == []
+
+
+def test_every_score_row_shows_items_the_drop_its_interval_the_detectable_drop_and_the_verdict():
+    card = render("smollm2-cpu", drops={"arithmetic": 0.0})
+    assert ("| Metrics | SmolLM2-135M-Instruct-Nvidia-native | SmolLM2-135M-Instruct-CPU-FlagOS | Items x repeats | "
+            "Drop (pp, reference minus FlagOS) | 90% interval of the drop (pp) | Detectable drop (pp) | Verdict |") in card
+    assert "| ARITHMETIC | 0.500 | 0.500 | 200 x 1 | +0.00 | [-0.82, +0.82] | 1.2 (margin 5.0) | PASS: consistent within +/-5.0 pp |" in card
+
+
 def test_the_changelog_names_what_moved_since_the_previous_release():
     plan = plan_for("qwen3-iluvatar")
     previous = ReleaseRecord(release=plan.release, fingerprint="f" * 64, repository=plan.repository,
@@ -147,7 +192,7 @@ def test_the_changelog_names_what_moved_since_the_previous_release():
     (lambda c: re.sub(r"(\| LIVEBENCH \| )\d\.\d{3}", r"\g<1>1.250", c), "score 1.250 of LIVEBENCH is outside [0, 1]"),
     (lambda c: re.sub(r"(\| MMLU \| \d\.\d{3} \| )\d\.\d{3}", r"\g<1>0", c).replace("| MMLU | 0", "| MMLU | x"),
      "is not a number"),
-    (lambda c: c.replace("before this card was published.", "before this card was"), "sentence does not end"),
+    (lambda c: c.replace("inside the benchmark's margin.", "inside the benchmark's"), "sentence does not end"),
     (lambda c: c.replace("---\nlicense", "license", 1), "missing YAML front matter"),
 ])
 def test_the_validator_refuses_each_defect(edit, problem: str):

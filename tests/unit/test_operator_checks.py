@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from flows.evaluate.operators import StackRefused, check_switch, usage
+from flows.evaluate.operators import StackRefused, check_switch, served_identity, usage
 
 
 def report(flagos: bool, calls: dict[str, int], bound: tuple[str, ...] = ("rms_norm", "silu_and_mul")) -> dict:
@@ -48,3 +48,26 @@ def test_a_stack_whose_switch_contradicts_its_role_is_refused_before_any_request
 def test_stacks_as_their_roles_say_pass_the_switch_check():
     check_switch("flagos", report(True, {}))
     check_switch("native", report(False, {}))
+
+
+def identified(flagos: bool, calls: dict[str, int], **changes) -> dict:
+    return {**report(flagos, calls), "build": {"fingerprint": "f1" * 32}, "checkpoint": "c" * 64, **changes}
+
+
+def test_an_endpoint_is_identified_by_what_it_serves_not_by_its_counters():
+    served = served_identity(identified(True, {}))
+    assert served == served_identity(identified(True, {"rms_norm": 700, "silu_and_mul": 350}))  # after answering
+    assert served.startswith("endpoint serving build f1f1f1f1f1f1; checkpoint cccccccccccc; our operators on "
+                             "(rms_norm, silu_and_mul, moe_sum) [")
+    others = [identified(False, {}), identified(True, {}, fault="gate-up-swapped"),
+              identified(True, {}, checkpoint="d" * 64), identified(True, {}, build={"fingerprint": "f2" * 32}),
+              identified(True, {}, versions={"torch": "2.11.0"})]
+    identities = {served_identity(other) for other in others}
+    assert len(identities) == len(others) and served not in identities
+    assert "fault gate-up-swapped" in served_identity(others[1])
+
+
+def test_an_endpoint_that_names_neither_build_nor_checkpoint_has_no_identity():
+    assert served_identity(None) is None
+    assert served_identity(report(True, {})) is None
+    assert served_identity(identified(True, {}, build=None)) is not None  # a source-checkout engine: its checkpoint

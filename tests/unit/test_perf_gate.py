@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from flows.evaluate.gate import Verdict
-from flows.evaluate.perf import PerfPoint
+from flows.evaluate.perf import PerfPoint, measure_serving
 from flows.evaluate.stage import throughput_verdict
 
 
@@ -23,3 +23,42 @@ def test_every_concurrency_must_reach_the_ratio():
 
 def test_without_a_measured_native_stack_the_ratio_cannot_be_shown():
     assert throughput_verdict(0.8, {"flagos": points(85, 240)}) == Verdict.INCONCLUSIVE
+
+
+def test_a_level_where_nothing_could_be_counted_is_not_measured_and_decides_nothing():
+    silent = PerfPoint(concurrency=4, requests=8, output_tokens_per_s=0.0, ttft_median_s=0.1, errors=0,
+                       not_measured="the endpoint streamed no content chunks (it may not stream)")
+    assert throughput_verdict(0.8, {"native": points(100), "flagos": [silent]}) == Verdict.INCONCLUSIVE
+    assert throughput_verdict(None, {"native": points(100), "flagos": [silent]}) is None
+
+
+def test_an_endpoint_that_does_not_stream_is_reported_not_measured():
+    """A stand-in for an OpenAI server that ignores `stream: true` and answers one JSON body (as some gateways
+    do): the client sees no chunks, so there is nothing to count; that must not read as 0 tokens/s measured."""
+    import http.server
+    import json
+    import threading
+
+    class NonStreaming(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": "m", "choices": [
+                {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "Hello there"}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NonStreaming)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        [point] = measure_serving(f"http://127.0.0.1:{server.server_address[1]}/v1", "m", (2,), requests_per_level=2)
+    finally:
+        server.shutdown()
+    assert point.errors == 0 and point.output_tokens_per_s == 0
+    assert point.not_measured == ("the endpoint streamed no content chunks (it may not stream), so no tokens could "
+                                  "be counted")
