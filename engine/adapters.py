@@ -9,12 +9,12 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from engine.operators import GATE_UP_SWAPPED, NORM_EPS_X1E4, Operators
+from engine.operators import GATE_UP_SWAPPED, NORM_EPS_SCALES, Operators
 
 
 def rms_norm_module(ops: Operators) -> Callable[..., Any]:
     """`<Model>RMSNorm.forward(hidden_states)`: weight and epsilon are the module's own."""
-    eps_scale = 1e4 if ops.fault == NORM_EPS_X1E4 else 1.0
+    eps_scale = NORM_EPS_SCALES.get(ops.fault or "", 1.0)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return ops.call("rms_norm", hidden_states, self.weight, self.variance_epsilon * eps_scale)

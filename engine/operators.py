@@ -18,14 +18,15 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 KERNELS_DIR = Path(__file__).resolve().parent.parent / "kernels"
 ARCHITECTURES_FILE = Path(__file__).resolve().parent / "architectures.yaml"
+OPS_VARIABLE = "FLAGOS_OPS"  # comma-separated subset of our operators to switch on (default: all)
 OPERATORS = ("rms_norm", "fused_add_rms_norm", "silu_and_mul", "rotary_embedding", "topk_softmax", "moe_sum", "softmax")
 # Deliberately broken integrations for the must-fail control (tests/faults): the kernels stay as committed, the
 # engine calls them wrongly. Never set in a release; the operator report shows it whenever it is.
 GATE_UP_SWAPPED = "gate-up-swapped"
-NORM_EPS_X1E4 = "norm-eps-x1e4"
+NORM_EPS_SCALES = {"norm-eps-x1e4": 1e4, "norm-eps-x100": 1e2}  # gross; mild (invisible to accuracy at 1,000 items)
 FAULTS = {
     GATE_UP_SWAPPED: "the SwiGLU input is passed as [up, gate] instead of [gate, up]",
-    NORM_EPS_X1E4: "RMSNorm is called with the model's epsilon x 1e4",
+    **{name: f"RMSNorm is called with the model's epsilon x {scale:g}" for name, scale in NORM_EPS_SCALES.items()},
 }
 
 

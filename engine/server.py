@@ -17,11 +17,10 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from engine.checkpoint import Checkpoint, architecture_of, servable
-from engine.operators import OPERATORS, EngineError, Operators, install
+from engine.operators import OPERATORS, OPS_VARIABLE, EngineError, Operators, install
 
 SWITCH = "USE_FLAGGEMS"
 SWITCH_VALUES = {"1": True, "true": True, "0": False, "false": False}
-OPS_VARIABLE = "FLAGOS_OPS"  # comma-separated subset of our operators (default: all); for diagnosis
 FAULT_VARIABLE = "FLAGOS_FAULT"
 HOME_VARIABLE = "FLAGOS_HOME"
 BUILD_RECORD = "build.json"

@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 from croniter import croniter
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
 
+from engine.operators import OPERATORS, OPS_VARIABLE
 from flows.errors import MatrixError, UnknownRelease
 from flows.runflags import run_options
 from flows.yamlfile import YamlDocument, YamlProblem, read_yaml
@@ -97,6 +98,9 @@ class Benchmark(Strict):
     limit: int | None = Field(default=None, ge=1, description="evaluate only the first N items")
     max_unreadable: float = Field(default=0.2, ge=0, le=1, description="above this share of answers the extractor "
                                   "cannot read on either stack, the benchmark measures nothing (INCONCLUSIVE)")
+    max_identical_drop_pp: float | None = Field(default=None, gt=0, le=100, description="gate the finer signal: "
+                                                "FAIL when the share of replies identical to native falls this many "
+                                                "points below native vs native (off until calibrated)")
     gated: bool = True
 
     @model_validator(mode="after")
@@ -110,6 +114,8 @@ class Suite(Strict):
     version: int = Field(ge=1)
     perf_min_ratio: float | None = Field(default=None, gt=0, le=2, description="gate FlagOS/native output tokens/s "
                                          "at every measured concurrency (the peer uses 0.8); unset: reported only")
+    signal_baseline: bool = Field(default=True, description="ask the native stack each benchmark twice, so the "
+                                  "finer signal (identical replies) has its native-vs-native noise floor")
     publish_when_better: bool = Field(default=False, description="publish a suite whose gated benchmarks each "
                                       "PASS or DIFFER (FlagOS better beyond the margin); the card then says by how much")
     benchmarks: dict[Literal[KNOWN_BENCHMARKS], Benchmark] = Field(min_length=1)  # type: ignore[valid-type]
@@ -173,12 +179,29 @@ class ServeSpec(Strict):
     native_env: dict[str, str] = Field(default_factory=lambda: {"USE_FLAGGEMS": "0"},
                                        description="environment of the native stack: the same image, kernels off")
 
+    native_ops: dict[str, Text] = Field(default_factory=dict, description="our operators kept native on this chip, "
+                                        "each with the reason; the FlagOS stack switches on the rest (FLAGOS_OPS)")
+
     @model_validator(mode="after")
     def _two_stacks(self) -> "ServeSpec":
-        if self.flagos_env == self.native_env:
-            raise ValueError(f"flagos_env and native_env are the same ({self.flagos_env}): the two stacks would run "
-                             "the same code and the comparison would prove nothing")
+        unknown = sorted(set(self.native_ops) - set(OPERATORS))
+        if unknown:
+            raise ValueError(f"native_ops names unknown operator(s) {unknown}; allowed: {', '.join(OPERATORS)}")
+        if self.native_ops and OPS_VARIABLE in self.flagos_env:
+            raise ValueError(f"set either native_ops or {OPS_VARIABLE} in flagos_env, not both")
+        same = ("flagos_env and native_env are the same" if self.flagos_environment == self.native_env else
+                "native_ops keeps every operator native" if len(self.native_ops) == len(OPERATORS) else None)
+        if same:
+            raise ValueError(f"{same} ({self.flagos_environment}): the two stacks would run the same code and the "
+                             "comparison would prove nothing")
         return self
+
+    @property
+    def flagos_environment(self) -> dict[str, str]:
+        """The FlagOS stack's environment: `flagos_env` with the operators this chip keeps native switched off."""
+        if not self.native_ops:
+            return dict(self.flagos_env)
+        return {**self.flagos_env, OPS_VARIABLE: ",".join(op for op in OPERATORS if op not in self.native_ops)}
 
 
 class DebootstrapRecipe(Strict):

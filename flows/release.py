@@ -125,7 +125,7 @@ def evaluate_stage(plan: Plan, image: ImageRef, weights: WeightsManifest, settin
     evaluation = Evaluation(plan=plan, benchmarks_file=settings.project_dir / "benchmarks.yaml",
                             store=ResultStore(settings.state_dir / "evaluations"), candidate=candidate,
                             reference=reference, operators=recorded_operators(outputs),
-                            concurrency=settings.eval_concurrency)
+                            concurrency=settings.eval_concurrency, bisect_timeout_s=settings.bisect_timeout_s)
     report = evaluate(evaluation, client, logger.info, settings.serve_timeout_s)
     path = write_report(report, outputs)
     create_table_artifact(key=f"evaluation-{plan.release}", table=evaluation_table(report),

@@ -44,10 +44,20 @@ def evaluation_table(report: EvaluationReport) -> list[dict[str, str]]:
             "detectable drop (pp)": f"{gate.detectable_drop * 100:.1f}" if gate else "n/a",
             "verdict": outcome.verdict.value + ("" if outcome.gated else " (not gated)"),
             "why": outcome.explanation or "",
+            "identical replies (FlagOS / native-native)": _identical(outcome),
+            "culprit": ", ".join(outcome.diagnosis.culprits) or outcome.diagnosis.conclusion if outcome.diagnosis else "",
             "FlagOS operator calls": _calls(outcome.operators.get("flagos")),
             "native operator calls": _calls(outcome.operators.get("native")),
         })
     return rows
+
+
+def _identical(outcome) -> str:
+    signal = outcome.signal
+    if signal is None:
+        return "n/a"
+    baseline = f"{signal.baseline.identical:.1%}" if signal.baseline else "not run"
+    return f"{signal.flagos.identical:.1%} / {baseline}"
 
 
 def _calls(use: OperatorUse | None) -> str:

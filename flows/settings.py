@@ -45,6 +45,8 @@ class Settings(BaseSettings):
                                    "GGUF conversions, keyed by the file's sha256)")
     eval_concurrency: int = Field(default=64, ge=1, le=256, description="requests in flight per stack; the engine "
                                   "batches what arrives together (continuous batching)")
+    bisect_timeout_s: float = Field(default=3600.0, gt=0, description="no culprit-bisection pass of a FAILed "
+                                    "benchmark starts after this many seconds")
     serve_timeout_s: float = Field(default=300.0, gt=0, description="how long a served stack may take to answer /v1/models")
     hub_org: str = Field(default="FlagRelease", description="organisation of the hub repos the cards are pushed to")
     registry_override: str | None = Field(default=None, description="host:port that replaces the registry of every "

@@ -1,9 +1,11 @@
 """The FlagOS engine on a GPU, judged by the project's own evaluate stage (run on the lent H200; BENCHMARKS.md).
 
-Three engines of the same image code on one GPU (bf16, kernels compiled by Triton): native (USE_FLAGGEMS=0),
-FlagOS (USE_FLAGGEMS=1) and a broken integration (FLAGOS_FAULT=gate-up-swapped). The evaluate stage compares
-FlagOS and broken with native over `--items` arithmetic prompts through their URLs, with the operator checks on,
-and the throughput of each stack is timed on the same prompts at once (continuous batching). Reports go to --out.
+Four engines of the same image code on one GPU (bf16, kernels compiled by Triton): native (USE_FLAGGEMS=0),
+FlagOS (USE_FLAGGEMS=1), a gross broken integration (FLAGOS_FAULT=gate-up-swapped) and a mild one
+(FLAGOS_FAULT=norm-eps-x100). The evaluate stage compares each with native over `--items` arithmetic prompts
+through their URLs, with the operator checks on and the native stack asked twice (the native-vs-native baseline
+of the finer signal, gated here at --max-identical-drop-pp to show what it flags), and the throughput of each
+stack is timed on the same prompts at once (continuous batching). Reports go to --out.
 
     python3 scripts/h200_engine_proof.py --gguf /tmp/model/SmolLM2-135M-Instruct.Q4_1.gguf --out $OUT
 """
@@ -32,7 +34,8 @@ PROJECT_DIR = Path(__file__).resolve().parent.parent
 SERVED_NAME = "smollm2-135m-flagos"
 GPU = {"device": "cuda", "dtype": "bfloat16", "cb_max_batch_tokens": 8192, "cb_max_memory_percent": 0.2}
 STACKS = {"native": {"USE_FLAGGEMS": "0"}, "flagos": {"USE_FLAGGEMS": "1"},
-          "broken": {"USE_FLAGGEMS": "1", "FLAGOS_FAULT": "gate-up-swapped"}}
+          "broken": {"USE_FLAGGEMS": "1", "FLAGOS_FAULT": "gate-up-swapped"},
+          "mild": {"USE_FLAGGEMS": "1", "FLAGOS_FAULT": "norm-eps-x100"}}
 
 
 def throughput(url: str, items: list, definition) -> dict[str, float]:
@@ -49,11 +52,12 @@ def main() -> int:
     parser.add_argument("--gguf", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--items", type=int, default=1000)
+    parser.add_argument("--max-identical-drop-pp", type=float, default=8.0)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     plan = resolve(load_matrix(PROJECT_DIR / "releases.yaml"), "smollm2-cpu", Settings(offline=True))
     plan = plan.model_copy(update={"suite": Suite(version=1, benchmarks={
-        "arithmetic": Benchmark(margin_pp=3.0, limit=args.items)})})
+        "arithmetic": Benchmark(margin_pp=3.0, limit=args.items, max_identical_drop_pp=args.max_identical_drop_pp)})})
     definition = load_definitions(PROJECT_DIR / "benchmarks.yaml").benchmarks["arithmetic"]
     items = load_items("arithmetic", definition, args.items)
     summary: dict[str, object] = {"items": args.items}
@@ -64,17 +68,20 @@ def main() -> int:
         for name, url in urls.items():
             ask_stack(url, SERVED_NAME, items[:64], definition, concurrency=64)  # warm-up: first launches compile
         summary["throughput"] = {name: throughput(url, items, definition) for name, url in urls.items()}
-        for name in ("flagos", "broken"):
+        store = ResultStore(args.out / "store")  # one store: the native answers and their second run are asked once
+        for name in ("flagos", "broken", "mild"):
             candidate, reference = image_sources(plan, "unused", Path("/nonexistent"), Endpoint(urls[name]),
                                                  Endpoint(urls["native"]))
             evaluation = Evaluation(plan=plan, benchmarks_file=PROJECT_DIR / "benchmarks.yaml",
-                                    store=ResultStore(args.out / f"store-{name}"), candidate=candidate,
+                                    store=store, candidate=candidate,
                                     reference=reference, operators=[], concurrency=128, perf_concurrencies=(64,))
             report = evaluate(evaluation, None, print)
             (args.out / f"h200-{name}-vs-native.json").write_text(report.model_dump_json(indent=1))
-            gate = report.outcomes[0].gate
+            gate, signal = report.outcomes[0].gate, report.outcomes[0].signal
             summary[name] = {"verdict": report.verdict.value, "passed": report.passed,
+                             "accuracy_verdict": gate.verdict.value if gate else None,
                              "unavailable": report.outcomes[0].unavailable,
+                             "signal": signal.model_dump() if signal else None,
                              **({"native": gate.native_accuracy, "flagos": gate.flagos_accuracy, "drop": gate.drop,
                                  "interval": [gate.ci_low, gate.ci_high], "detectable": gate.detectable_drop,
                                  "agreement": gate.agreement, "mcnemar_p": gate.mcnemar_p} if gate else {}),

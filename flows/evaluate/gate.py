@@ -198,10 +198,9 @@ def holm(gates: list[BenchmarkGate]) -> list[BenchmarkGate]:
     return [g if g.vacuous else _decide(g, worse[g.benchmark], better[g.benchmark]) for g in gates]
 
 
-def suite_verdict(gates: list[BenchmarkGate], gated: set[str]) -> Verdict:
-    """FAIL when any gated benchmark failed; else DIFFERS when any differs; PASS only when every gated benchmark
-    passed; else INCONCLUSIVE (nothing gated proves nothing)."""
-    verdicts = [g.verdict for g in gates if g.benchmark in gated]
+def suite_verdict(verdicts: list[Verdict]) -> Verdict:
+    """Over the gated benchmarks' verdicts: FAIL when any failed; else DIFFERS when any differs; PASS only when
+    every one passed; else INCONCLUSIVE (nothing gated proves nothing)."""
     for decisive in (Verdict.FAIL, Verdict.DIFFERS):
         if decisive in verdicts:
             return decisive
@@ -224,7 +223,7 @@ def gate_results(benchmark: str, native: list, flagos: list, margin_pp: float, *
                         f"({len(native_by_key.keys() - flagos_by_key.keys())} only on the native side, "
                         f"{len(flagos_by_key.keys() - native_by_key.keys())} only on the FlagOS side); refusing to compare")
     repeats = len({repeat for _, repeat in native_by_key})
-    return paired_gate(benchmark, _item_means(native), _item_means(flagos), margin_pp, repeats=repeats, looks=looks,
+    return paired_gate(benchmark, item_means(native), item_means(flagos), margin_pp, repeats=repeats, looks=looks,
                        chance=chance,
                        unreadable=(_unreadable(native), _unreadable(flagos)), max_unreadable=max_unreadable,
                        native_answers={f"{i}#{k}": r.parsed for (i, k), r in native_by_key.items()},
@@ -235,7 +234,7 @@ def _unreadable(results: list) -> float:
     return sum(r.parsed == "" for r in results) / len(results) if results else 0.0
 
 
-def _item_means(results: list) -> dict[str, float]:
+def item_means(results: list) -> dict[str, float]:
     scores: dict[str, list[float]] = {}
     for result in results:
         scores.setdefault(result.id, []).append(float(result.correct))

@@ -91,7 +91,7 @@ def simulate(runs: int, accuracy: float, seed: int = 1234) -> tuple[list[dict], 
                 gates = holm(gates)
                 for gate in gates:
                     counts[gate.benchmark][gate.verdict] += 1
-                suite_counts[suite_verdict(gates, set(shapes))] += 1
+                suite_counts[suite_verdict([g.verdict for g in gates])] += 1
             for name, (items, benchmark, _) in shapes.items():
                 rows.append(_row(suite_name, name, items, benchmark, scenario, counts[name], runs))
             rows.append(_row(suite_name, "(suite)", None, None, scenario, suite_counts, runs))

@@ -1,7 +1,8 @@
 """The evaluate stage as plain code: ask the FlagOS stack and the reference stack every benchmark of the suite, gate
 each benchmark item by item, and write the report the publish stage and the card read.
 
-Stacks: the candidate is the release image with the chip's `flagos_env` (or an endpoint URL given for chip hosts);
+Stacks: the candidate is the release image with the chip's FlagOS environment (`flagos_env`, less the operators
+the chip keeps native) or an endpoint URL given for chip hosts;
 the reference is the same image with `native_env` (reference `native`), an endpoint URL, or the stored native
 results of another release (e.g. `qwen3-nvidia`). Only one container is served at a time (two copies of a large
 model rarely fit one accelerator). Results are stored per stack and key, so a re-run asks only what is missing.
@@ -10,6 +11,8 @@ A sampled benchmark that ends INCONCLUSIVE is asked again with twice the repeats
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -18,12 +21,15 @@ from pathlib import Path
 import docker
 from pydantic import BaseModel, ConfigDict
 
+from engine.operators import OPS_VARIABLE
 from flows.evaluate.benchmarks import BenchmarkDefinition, DatasetUnavailable, Item, load_definitions, load_items
 from flows.evaluate.client import ItemResult, ask_stack
 from flows.evaluate.container import ServeRequest, served
-from flows.evaluate.gate import BenchmarkGate, Verdict, gate_results, holm, repeat_schedule, suite_verdict
+from flows.evaluate.bisect import Diagnosis, bisect_culprits
+from flows.evaluate.gate import BenchmarkGate, Verdict, gate_results, holm, item_means, repeat_schedule, suite_verdict
 from flows.evaluate.operators import OperatorUse, StackRefused, check_switch, operator_report, served_identity, usage
 from flows.evaluate.perf import PerfPoint, measure_serving
+from flows.evaluate.signal import Signal, consistency_signal
 from flows.evaluate.store import ReferenceUnavailable, ResultKey, ResultStore, Stack, prompts_digest, stack_description
 from flows.errors import FlagReleaseError
 from flows.files import write_model
@@ -55,10 +61,21 @@ class BenchmarkOutcome(BaseModel):
     note: str | None = None
     operators: dict[str, OperatorUse] = {}  # role -> what its engine ran while answering this benchmark
     stacks: dict[str, str] = {}  # role -> what answered (image digest + environment, or what the endpoint serves)
+    signal: Signal | None = None  # identical replies and where they part, beside native vs native
+    diagnosis: Diagnosis | None = None  # the culprit bisection of a FAIL
 
     @property
     def verdict(self) -> Verdict:
-        return self.gate.verdict if self.gate else Verdict.INCONCLUSIVE
+        """The gate's verdict, unless the suite gates the finer signal and it failed (FAIL) or could not be shown
+        (a PASS becomes INCONCLUSIVE)."""
+        if self.gate is None:
+            return Verdict.INCONCLUSIVE
+        signal = self.signal.verdict if self.signal else None
+        if signal == Verdict.FAIL:
+            return Verdict.FAIL
+        if signal == Verdict.INCONCLUSIVE and self.gate.verdict == Verdict.PASS:
+            return Verdict.INCONCLUSIVE
+        return self.gate.verdict
 
     @property
     def explanation(self) -> str | None:
@@ -66,9 +83,17 @@ class BenchmarkOutcome(BaseModel):
         if self.gate is None:
             return self.unavailable
         gate = self.gate
+        if self.signal is not None and self.signal.verdict == Verdict.FAIL:
+            return (f"identical replies fell {self.signal.identical_drop * 100:.1f} pp below native vs native "
+                    f"(the suite allows {self.signal.max_identical_drop_pp} pp)")
+        if self.signal is not None and self.signal.verdict == Verdict.INCONCLUSIVE and gate.verdict == Verdict.PASS:
+            return "the suite gates identical replies, but no native-vs-native baseline was run"
         if gate.verdict == Verdict.FAIL:
+            found = ""
+            if self.diagnosis is not None:
+                found = f"; culprit: {self.diagnosis.conclusion}" + (f"; {self.diagnosis.remedy}" if self.diagnosis.remedy else "")
             return (f"FlagOS is worse by {gate.drop * 100:.2f} pp, beyond the {gate.margin * 100:.1f} pp margin "
-                    f"(interval [{gate.ci_low * 100:+.2f}, {gate.ci_high * 100:+.2f}] pp)")
+                    f"(interval [{gate.ci_low * 100:+.2f}, {gate.ci_high * 100:+.2f}] pp){found}")
         if gate.verdict == Verdict.DIFFERS:
             return (f"FlagOS is better by {-gate.drop * 100:.2f} pp, beyond the {gate.margin * 100:.1f} pp margin: "
                     "the stacks differ (check the reference)")
@@ -155,6 +180,7 @@ class Stacks:
     client: docker.DockerClient | None
     log: Callable[[str], None]
     timeout_s: float
+    asked: int = 0  # requests sent in this run (answers reused from the store are not counted)
     _exits: ExitStack = field(default_factory=ExitStack)
     _current: tuple[str, str] | None = None
 
@@ -204,6 +230,15 @@ class Evaluation:
     perf_concurrencies: tuple[int, ...] = (4,)  # interpreted kernels pay ~1 s a decode step: keep it short
     # Off only where the stacks are not FlagOS engines by design (the gate's quantisation controls in tests)
     verify_operators: bool = True
+    bisect_timeout_s: float = 3600.0  # no bisection pass starts after this
+
+
+def served_source(role: str, release: str, request: ServeRequest) -> StackSource:
+    """A stack served here from an image, identified by the image's digest (the same image behind another
+    registry is the same stack) and its environment."""
+    content = request.image.rpartition("@")[2]
+    return StackSource(Stack(role=role, release=release, served_by=stack_description(content, request.environment)),
+                       serve=request)
 
 
 def image_sources(plan: Plan, image: str, weights: Path, candidate_endpoint: Endpoint | None,
@@ -218,13 +253,11 @@ def image_sources(plan: Plan, image: str, weights: Path, candidate_endpoint: End
         if endpoint is not None:
             return StackSource(Stack(role=role, release=plan.release, served_by=endpoint.url), url=endpoint.url,
                                named=endpoint.named)
-        request = ServeRequest(image=image, name=f"{name}-{role}", weights=weights, port=serve.port,
-                               flags=plan.chip.docker_run_flags, environment=environment, cache=cache)
-        content = image.rpartition("@")[2]  # the digest: the same image behind another registry is the same stack
-        return StackSource(Stack(role=role, release=plan.release, served_by=stack_description(content, environment)),
-                           serve=request)
+        return served_source(role, plan.release, ServeRequest(
+            image=image, name=f"{name}-{role}", weights=weights, port=serve.port, flags=plan.chip.docker_run_flags,
+            environment=environment, cache=cache))
 
-    candidate = side("flagos", {**serve.flagos_env, **(candidate_env or {})}, candidate_endpoint)
+    candidate = side("flagos", {**serve.flagos_environment, **(candidate_env or {})}, candidate_endpoint)
     if reference_endpoint is None and plan.reference != NATIVE_REFERENCE:
         return candidate, None
     return candidate, side("native", serve.native_env, reference_endpoint)
@@ -237,11 +270,15 @@ def evaluate(evaluation: Evaluation, client: docker.DockerClient | None, log: Ca
     stacks = Stacks(client, log, serve_timeout_s)
     definitions = load_definitions(evaluation.benchmarks_file)
     outcomes: list[BenchmarkOutcome] = []
+    evidence: dict[str, Evidence] = {}
     perf: dict[str, list[PerfPoint]] = {}
     try:
         for name, benchmark in plan.suite.benchmarks.items():
-            outcomes.append(_evaluate_one(evaluation, stacks, name, benchmark, definitions.benchmarks[name],
-                                          definitions.version, log))
+            outcome, evidence[name] = _evaluate_one(evaluation, stacks, name, benchmark, definitions.benchmarks[name],
+                                                    definitions.version, log)
+            outcomes.append(outcome)
+        gates = {g.benchmark: g for g in holm([o.gate for o in outcomes if o.gate is not None])}
+        outcomes = [o.model_copy(update={"gate": gates.get(o.benchmark)}) for o in outcomes]
         for source in (evaluation.candidate, evaluation.reference):
             if source is None:
                 continue
@@ -249,15 +286,11 @@ def evaluate(evaluation: Evaluation, client: docker.DockerClient | None, log: Ca
                 perf[source.stack.role] = _perf(evaluation, stacks, source, log)
             except StackRefused as exc:
                 log(f"serving performance of the {source.stack.role} stack not measured: {exc}")
+        outcomes = [_diagnosed(evaluation, stacks, o, evidence[o.benchmark], log)
+                    if o.gated and o.verdict == Verdict.FAIL and evidence.get(o.benchmark) else o for o in outcomes]
     finally:
         stacks.close()
-    gates = holm([o.gate for o in outcomes if o.gate is not None])
-    by_name = {g.benchmark: g for g in gates}
-    outcomes = [o.model_copy(update={"gate": by_name.get(o.benchmark)}) for o in outcomes]
-    gated = {o.benchmark for o in outcomes if o.gated}
-    verdict = suite_verdict([o.gate for o in outcomes if o.gate is not None], gated)
-    if any(o.gated and o.gate is None for o in outcomes) and verdict == Verdict.PASS:
-        verdict = Verdict.INCONCLUSIVE
+    verdict = suite_verdict([o.verdict for o in outcomes if o.gated])
     return EvaluationReport(
         release=plan.release, fingerprint=plan.fingerprint, model=plan.model_name, revision=_revision(plan),
         suite=plan.suite_name, suite_version=plan.suite.version, candidate=evaluation.candidate.stack.served_by,
@@ -271,30 +304,47 @@ def _revision(plan: Plan) -> str:
     return plan.revision.resolved or f"{plan.revision.requested} (unpinned)"
 
 
+@dataclass(frozen=True)
+class Evidence:
+    """What one benchmark's verdict rests on, kept for the culprit bisection of a FAIL."""
+
+    key: ResultKey
+    items: list[Item]
+    definition: BenchmarkDefinition
+    repeats: int
+    reference: list[ItemResult]
+    candidate: list[ItemResult]
+    candidate_use: OperatorUse | None
+    requests: int  # asked of both stacks in this run (0 when every answer came from the store)
+    seconds: float
+
+
 def _evaluate_one(evaluation: Evaluation, stacks: Stacks, name: str, benchmark: Benchmark,
-                  definition: BenchmarkDefinition, benchmarks_version: int, log: Callable[[str], None]) -> BenchmarkOutcome:
+                  definition: BenchmarkDefinition, benchmarks_version: int, log: Callable[[str], None]
+                  ) -> tuple[BenchmarkOutcome, Evidence | None]:
     plan = evaluation.plan
     try:
         items = load_items(name, definition, benchmark.limit)
     except DatasetUnavailable as exc:
         log(f"{name}: {exc}")
-        return BenchmarkOutcome(benchmark=name, gated=benchmark.gated, repeats=0, gate=None, unavailable=str(exc))
+        return BenchmarkOutcome(benchmark=name, gated=benchmark.gated, repeats=0, gate=None, unavailable=str(exc)), None
     key = ResultKey(model=plan.model_name, revision=_revision(plan), suite=plan.suite_name,
                     suite_version=plan.suite.version, benchmarks_version=benchmarks_version, benchmark=name,
                     generation=definition.generation, prompts=prompts_digest([i.prompt_hash for i in items]))
     schedule = repeat_schedule(benchmark.repeats, benchmark.max_repeats, definition.temperature > 0)
     note = None
+    asked_before, started = stacks.asked, time.monotonic()
     for look, repeats in enumerate(schedule):
         try:
             candidate_stack = stacks.stack(evaluation.candidate)
-            reference, reference_use, reference_stack = _reference_results(evaluation, stacks, candidate_stack, key,
-                                                                           items, definition, repeats, log)
+            reference, reference_use, reference_stack, native_again = _reference_results(
+                evaluation, stacks, candidate_stack, key, items, definition, repeats, log)
             candidate, candidate_use = _results(evaluation, stacks, evaluation.candidate, candidate_stack, key, items,
                                                 definition, repeats, log)
         except (ReferenceUnavailable, StackFailed, StackRefused) as exc:
             log(str(exc))
             return BenchmarkOutcome(benchmark=name, gated=benchmark.gated, repeats=repeats, gate=None,
-                                    unavailable=str(exc))
+                                    unavailable=str(exc)), None
         gate = gate_results(name, reference, candidate, benchmark.margin_pp, looks=len(schedule),
                             chance=definition.chance, max_unreadable=benchmark.max_unreadable)
         log(f"{name}: native {gate.native_accuracy:.3f}, FlagOS {gate.flagos_accuracy:.3f}; drop (native minus FlagOS) "
@@ -309,10 +359,17 @@ def _evaluate_one(evaluation: Evaluation, stacks: Stacks, name: str, benchmark: 
             note = f"still INCONCLUSIVE at the repeat cap ({repeats})"
         elif (benchmark.max_repeats or 0) > repeats:
             note = "greedy decoding: more repeats would give the same answers; more items are needed"
+    signal = consistency_signal(reference, candidate, native_again, benchmark.max_identical_drop_pp)
+    baseline = (f"{signal.baseline.identical:.1%} native vs native" if signal.baseline else "no native-vs-native run")
+    log(f"{name}: identical replies {signal.flagos.identical:.1%} FlagOS vs native ({baseline})"
+        + (f" -> {signal.verdict.value}" if signal.verdict else ""))
     uses = {role: use for role, use in (("native", reference_use), ("flagos", candidate_use)) if use is not None}
-    return BenchmarkOutcome(benchmark=name, gated=benchmark.gated, repeats=repeats, gate=gate, note=note,
-                            operators=uses, stacks={"native": reference_stack.served_by,
-                                                    "flagos": candidate_stack.served_by})
+    outcome = BenchmarkOutcome(benchmark=name, gated=benchmark.gated, repeats=repeats, gate=gate, note=note,
+                               operators=uses, signal=signal,
+                               stacks={"native": reference_stack.served_by, "flagos": candidate_stack.served_by})
+    return outcome, Evidence(key=key, items=items, definition=definition, repeats=repeats, reference=reference,
+                             candidate=candidate, candidate_use=candidate_use, requests=stacks.asked - asked_before,
+                             seconds=time.monotonic() - started)
 
 
 Answers = tuple[list[ItemResult], OperatorUse | None]
@@ -324,15 +381,27 @@ def _refuse_same(reference: Stack, candidate: Stack) -> None:
                            "comparison would prove nothing; refused before any request")
 
 
+def _second_run(stack: Stack) -> Stack:
+    """The native stack asked the same requests again: the native-vs-native baseline of the finer signal."""
+    return stack.model_copy(update={"served_by": f"{stack.served_by} [second run]"})
+
+
 def _reference_results(evaluation: Evaluation, stacks: Stacks, candidate: Stack, key: ResultKey, items: list[Item],
                        definition: BenchmarkDefinition, repeats: int, log: Callable[[str], None]
-                       ) -> tuple[list[ItemResult], OperatorUse | None, Stack]:
-    """The reference side: served here or at an endpoint, else the stored native results of another release;
-    refused when it is the candidate itself."""
+                       ) -> tuple[list[ItemResult], OperatorUse | None, Stack, list[ItemResult] | None]:
+    """The reference side (served here or at an endpoint, else the stored native results of another release),
+    refused when it is the candidate itself, and its second run when the suite asks for the baseline."""
+    baseline = evaluation.plan.suite.signal_baseline
     if evaluation.reference is not None:
         stack = stacks.stack(evaluation.reference)
         _refuse_same(stack, candidate)
-        return (*_results(evaluation, stacks, evaluation.reference, stack, key, items, definition, repeats, log), stack)
+        results, use = _results(evaluation, stacks, evaluation.reference, stack, key, items, definition, repeats, log)
+        again = None
+        if baseline:
+            log(f"{key.benchmark}: the native stack again, for the native-vs-native baseline")
+            again = _results(evaluation, stacks, evaluation.reference, _second_run(stack), key, items, definition,
+                             repeats, log)[0]
+        return results, use, stack, again
     stack, stored, use = evaluation.store.reference(key, evaluation.plan.reference)
     _refuse_same(stack, candidate)
     have = {r.repeat for r in stored}
@@ -344,7 +413,11 @@ def _reference_results(evaluation: Evaluation, stacks: Stacks, candidate: Stack,
                            f"stack (operator report: {'none' if use is None else f'{use.calls} calls of ours'}); "
                            f"re-run `flagrelease run {stack.release}`")
     log(f"{key.benchmark}: native results from {stack.release} ({stack.served_by})")
-    return [r for r in stored if r.repeat < repeats], use, stack
+    second = evaluation.store.load(key, _second_run(stack)) if baseline else None
+    again = [r for r in second[0] if r.repeat < repeats] if second else None
+    if again is not None and {r.repeat for r in again} != set(range(repeats)):
+        again = None
+    return [r for r in stored if r.repeat < repeats], use, stack, again
 
 
 def _results(evaluation: Evaluation, stacks: Stacks, source: StackSource, stack: Stack, key: ResultKey,
@@ -375,11 +448,53 @@ def _results(evaluation: Evaluation, stacks: Stacks, source: StackSource, stack:
             use = span if use is None else span.plus(use)
             log(f"{key.benchmark}: {role} stack ran our operators {use.calls} times "
                 f"({', '.join(f'{o.name} {o.calls}' for o in use.operators if o.calls) or 'none'})")
+        stacks.asked += len(asked)
         stored = stored + asked
         evaluation.store.save(key, stack, stored, use)
     else:
         log(f"{key.benchmark}: {role} results reused from the store ({len(stored)} answers)")
     return [r for r in stored if r.repeat < repeats], use
+
+
+def _diagnosed(evaluation: Evaluation, stacks: Stacks, outcome: BenchmarkOutcome, evidence: Evidence,
+               log: Callable[[str], None]) -> BenchmarkOutcome:
+    """A FAILed benchmark with its culprit bisection: the image served again with subsets of the operators the
+    FlagOS stack ran, asked the diagnosis items only. The verdict stays FAIL whatever the bisection finds."""
+    candidate = evaluation.candidate
+    ran = [o.name for o in evidence.candidate_use.operators if o.calls] if evidence.candidate_use else []
+    if candidate.serve is None or not ran:
+        why = ("the candidate is an endpoint, so its operators cannot be switched from here" if candidate.serve is None
+               else "the FlagOS stack's operator report shows no calls")
+        return outcome.model_copy(update={"note": f"no culprit bisection: {why}"})
+    by_id = {item.id: item for item in evidence.items}
+    probes = iter(range(1, 100))
+
+    def ask(subset: list[str], ids: list[str]) -> tuple[dict[str, float], int]:
+        items = [by_id[i] for i in ids]
+        key = evidence.key.model_copy(update={"prompts": prompts_digest([i.prompt_hash for i in items])})
+        request = dataclasses.replace(candidate.serve, name=f"{candidate.serve.name}-bisect-{next(probes)}",
+                                      environment={**candidate.serve.environment, OPS_VARIABLE: ",".join(subset)})
+        source = served_source("flagos", evaluation.plan.release, request)
+        before = stacks.asked
+        results, _ = _results(evaluation, stacks, source, source.stack, key, items, evidence.definition,
+                              evidence.repeats, log)
+        return item_means(results), stacks.asked - before
+
+    log(f"{outcome.benchmark}: FAIL; bisecting {', '.join(ran)} to find the operator that causes it")
+    try:
+        diagnosis = bisect_culprits(outcome.benchmark, ran, item_means(evidence.reference),
+                                    item_means(evidence.candidate), ask, evaluation.bisect_timeout_s,
+                                    (evidence.requests, evidence.seconds), log)
+    except (StackFailed, StackRefused) as exc:
+        return outcome.model_copy(update={"note": f"culprit bisection stopped: {exc}"})
+    log(f"{outcome.benchmark}: {diagnosis.conclusion} ({diagnosis.requests} extra requests, {diagnosis.seconds:.0f} s)")
+    chip = evaluation.plan.chip.name
+    remedy = None
+    if diagnosis.culprits:
+        remedy = (f"to keep {diagnosis.culprits[0]} native on this chip, add under `serve:` in images/{chip}/chip.yaml: "
+                  f"`native_ops: {{{diagnosis.culprits[0]}: \"fails {outcome.benchmark} in {evaluation.plan.release} "
+                  "(bisected)\"}`")
+    return outcome.model_copy(update={"diagnosis": diagnosis.model_copy(update={"remedy": remedy})})
 
 
 def _perf(evaluation: Evaluation, stacks: Stacks, source: StackSource, log: Callable[[str], None]) -> list[PerfPoint]:

@@ -74,6 +74,7 @@ class CardData(BaseModel):
     image_contents: str
     kernels_note: str
     operators_ran: str
+    native_ops_note: str
     engine_version: str
     torch_version: str
     triton_version: str
@@ -121,7 +122,7 @@ def run_command(plan: Plan, image: ImageRef, weights_dir: str) -> str:
     """`docker run` exactly as the evaluate stage ran the image: the chip's flags, the weights read-only, the port."""
     port = plan.chip.serve.port
     publish = [] if any(f in ("--net=host", "--network=host") for f in plan.chip.docker_run_flags) else ["-p", f"{port}:{port}"]
-    environment = [f"--env={k}={v}" for k, v in plan.chip.serve.flagos_env.items()]
+    environment = [f"--env={k}={v}" for k, v in plan.chip.serve.flagos_environment.items()]
     parts = ["docker", "run", "-d", "--name", CONTAINER_NAME.format(release=plan.release), *plan.chip.docker_run_flags,
              *environment, *publish, "-v", f"$PWD/{weights_dir}:{MODEL_MOUNT}:ro", image.by_digest]
     return " ".join(part if part.startswith("$PWD") else shlex.quote(part) for part in parts)
@@ -199,6 +200,15 @@ def operators_ran(flagos: OperatorUse, native: OperatorUse | None) -> str:
     return sentence
 
 
+def native_ops_note(plan: Plan) -> str:
+    """The operators this chip keeps native, each with the reason its profile gives."""
+    kept = plan.chip.serve.native_ops
+    if not kept:
+        return f"No operator of ours is kept native on {plan.chip.vendor}."
+    reasons = "; ".join(f"{name}: {reason.rstrip('.')}" for name, reason in kept.items())
+    return f"On {plan.chip.vendor} these stay native (the engine does not switch them): {reasons}."
+
+
 def card_data(plan: Plan, image: ImageRef, image_config: dict, report: EvaluationReport, weights: WeightsManifest,
               reference_vendor: str, changelog: list[str]) -> CardData:
     labels = image_config.get("config", {}).get("Labels") or {}
@@ -240,6 +250,7 @@ def card_data(plan: Plan, image: ImageRef, image_config: dict, report: Evaluatio
                         f"{versions.get('triton', 'unknown')} and our Triton kernels, switched on by USE_FLAGGEMS=1"),
         kernels_note=kernels_note(plan, flagos),
         operators_ran=operators_ran(flagos, report.operator_use("native")),
+        native_ops_note=native_ops_note(plan),
         engine_version=f"{flagos.engine} (transformers {versions.get('transformers', 'unknown')})",
         torch_version=versions.get("torch", "unknown"), triton_version=versions.get("triton", "unknown"),
         operator_summary=(f"{passed} of {len(report.operators)} operator checks matched their references "

@@ -58,7 +58,7 @@ def test_the_flagos_model_matches_native_and_every_bound_operator_runs(bound, mo
     assert set(not_used) == set(OPERATORS) - expected and all(not_used.values())
 
 
-@pytest.mark.parametrize("fault", ["gate-up-swapped", "norm-eps-x1e4"])
+@pytest.mark.parametrize("fault", ["gate-up-swapped", "norm-eps-x1e4", "norm-eps-x100"])
 def test_a_broken_integration_changes_what_the_model_computes(bound, fault: str):
     native = logits(LlamaForCausalLM, LLAMA, None, bound)
     broken = logits(LlamaForCausalLM, LLAMA, Operators(set(OPERATORS), fault=fault), bound)

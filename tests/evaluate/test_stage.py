@@ -74,6 +74,8 @@ def test_the_same_stack_passes_renders_and_is_reused_without_asking_again(two_st
     assert arithmetic.stacks == {"native": "endpoint named 'control B' by the engineer",
                                  "flagos": "endpoint named 'control A' by the engineer"}
     assert mmlu.gated is False and mmlu.gate.items == 8 and mmlu.verdict == Verdict.INCONCLUSIVE
+    assert arithmetic.signal.flagos.identical == arithmetic.signal.baseline.identical == 1.0  # native asked twice
+    assert arithmetic.signal.verdict is None  # reported, not gated: the suite sets no max_identical_drop_pp
     assert {p.stack for p in report.perf} == {"native", "flagos"}
     assert all(p.output_tokens_per_s > 0 and p.errors == 0 for s in report.perf for p in s.points)
     markdown = evaluation_markdown(report)
@@ -148,4 +150,4 @@ def test_a_sampled_inconclusive_benchmark_is_asked_again_with_more_repeats(smoll
         assert outcome.note == "still INCONCLUSIVE at the repeat cap (4)" and report.verdict != Verdict.PASS
     stored = [json.loads(line) for path in (tmp_path / "store").rglob("*.jsonl") for line in path.read_text().splitlines()]
     assert {row["repeat"] for row in stored} == set(range(outcome.repeats))
-    assert len(stored) == 2 * 24 * outcome.repeats  # both stacks, every item, every repeat, asked once
+    assert len(stored) == 3 * 24 * outcome.repeats  # native twice (the baseline) and FlagOS, each answer asked once

@@ -62,7 +62,8 @@ def test_a_candidate_that_cannot_show_our_kernels_ran_is_refused(bench: Bench, s
 
 def test_a_broken_integration_fails_the_gate_and_publishes_nothing(bench: Bench):
     """The FlagOS stack of the real image with the engine passing [up, gate] to our SwiGLU kernel: the committed
-    kernels are untouched (the kernels stage passed them), the integration is wrong, the gate must FAIL."""
+    kernels are untouched (the kernels stage passed them), the integration is wrong, the gate must FAIL, and the
+    bisection must name silu_and_mul (the operator whose integration is broken) with the line that keeps it native."""
     registry = bench.registry("integration", SNAPSHOT["built"])
     host = f"127.0.0.1:{registry.registry_port}"
     state = bench.run(host, FLAGRELEASE_CANDIDATE_ENV=json.dumps({"FLAGOS_FAULT": "gate-up-swapped"}))
@@ -74,9 +75,16 @@ def test_a_broken_integration_fails_the_gate_and_publishes_nothing(bench: Bench)
     assert state.is_failed() and "is not published: arithmetic: FAIL" in state.message
     assert outcome["gate"]["verdict"] == "FAIL" and latest_digest(host) is None
     assert flagos["fault"] == "gate-up-swapped" and sum(o["calls"] for o in flagos["operators"]) > 0
-    record("broken integration (gate/up swapped)", "gate FAIL, nothing published",
+    diagnosis = outcome["diagnosis"]
+    assert diagnosis["culprits"] == ["silu_and_mul"] and len(diagnosis["probes"]) <= 3
+    assert diagnosis["probes"][-1]["operators"] == ["silu_and_mul"] and diagnosis["probes"][-1]["reproduces"]
+    assert "culprit: silu_and_mul alone reproduces the drop" in state.message
+    assert "native_ops: {silu_and_mul:" in state.message and "images/cpu/chip.yaml" in state.message
+    extra = f"{diagnosis['requests']} requests in {sum(p['seconds'] for p in diagnosis['probes']):.0f} s"
+    record("broken integration (gate/up swapped)", "gate FAIL, culprit named, nothing published",
            f"{state.type.value}; FlagOS {outcome['gate']['flagos_accuracy']:.3f} vs native "
-           f"{outcome['gate']['native_accuracy']:.3f}", blobs_complete(host))
+           f"{outcome['gate']['native_accuracy']:.3f}; bisection: {', '.join(diagnosis['culprits'])} ({extra}, "
+           f"evaluation {diagnosis['original_requests']} in {diagnosis['original_seconds']:.0f} s)", blobs_complete(host))
 
 
 def test_the_registry_stopped_during_the_image_push(bench: Bench):

@@ -78,7 +78,7 @@ def test_cpu_image_builds_pushes_by_digest_and_serves_the_model(services: Settin
 
     request = ServeRequest(image=image.by_digest, name="flagrelease-test-serve", weights=gguf_dir,
                            port=plan.chip.serve.port, flags=plan.chip.docker_run_flags,
-                           environment=plan.chip.serve.flagos_env, cache=cache_root() / "engine")
+                           environment=plan.chip.serve.flagos_environment, cache=cache_root() / "engine")
     with served(client, request, log.append, timeout_s=240) as base_url:
         models = requests.get(f"{base_url}/models", timeout=3).json()
         assert [m["id"] for m in models["data"]] == ["smollm2-135m-flagos"]

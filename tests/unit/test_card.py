@@ -56,7 +56,7 @@ def report_for(plan, drops: dict[str, float], mode: str = "interpreted", gates: 
                 for gate in gates]
     return EvaluationReport(release=plan.release, fingerprint=plan.fingerprint, model=plan.model_name, revision="r1",
                             suite=plan.suite_name, suite_version=1, candidate="c", reference="r", outcomes=outcomes,
-                            verdict=suite_verdict(gates, {g.benchmark for g in gates}), perf=[], perf_verdict=None,
+                            verdict=suite_verdict([g.verdict for g in gates]), perf=[], perf_verdict=None,
                             operators=[OpResult("rms_norm", "bfloat16", "8x64", 0.004, 0.002, 0.016, 0.016, True)],
                             publish_when_better=publish_when_better)
 
@@ -166,6 +166,18 @@ def test_every_score_row_shows_items_the_drop_its_interval_the_detectable_drop_a
     assert ("| Metrics | SmolLM2-135M-Instruct-Nvidia-native | SmolLM2-135M-Instruct-CPU-FlagOS | Items x repeats | "
             "Drop (pp, reference minus FlagOS) | 90% interval of the drop (pp) | Detectable drop (pp) | Verdict |") in card
     assert "| ARITHMETIC | 0.500 | 0.500 | 200 x 1 | +0.00 | [-0.82, +0.82] | 1.2 (margin 5.0) | PASS: consistent within +/-5.0 pp |" in card
+
+
+def test_the_card_lists_the_operators_a_chip_keeps_native_and_why():
+    plan = plan_for("qwen3-iluvatar")
+    assert "No operator of ours is kept native on Iluvatar." in render()
+    serve = plan.chip.serve.model_copy(update={"native_ops": {"silu_and_mul": "1-2 bf16 ulp of jitter flip greedy near-ties."}})
+    kept = plan.model_copy(update={"chip": plan.chip.model_copy(update={"serve": serve})})
+    card = card_for(kept, report_for(kept, {"mmlu": 0.0}))
+    assert ("On Iluvatar these stay native (the engine does not switch them): silu_and_mul: 1-2 bf16 ulp of jitter "
+            "flip greedy near-ties.") in card
+    run_line = next(line for line in card.splitlines() if line.startswith("docker run"))
+    assert "--env=FLAGOS_OPS=rms_norm,fused_add_rms_norm,rotary_embedding,topk_softmax,moe_sum,softmax" in run_line
 
 
 def test_the_changelog_names_what_moved_since_the_previous_release():

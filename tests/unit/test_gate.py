@@ -82,7 +82,7 @@ def test_a_stack_far_better_than_native_differs_instead_of_passing():
     assert (round(gate.native_accuracy, 3), round(gate.flagos_accuracy, 3)) == (0.669, 0.758)
     assert gate.drop == pytest.approx(-0.089, abs=5e-4) and gate.ci_high < -gate.margin
     assert gate.verdict == Verdict.DIFFERS and gate.p_better < 1e-6
-    assert suite_verdict([gate], {"mmlu"}) == Verdict.DIFFERS
+    assert suite_verdict([gate.verdict]) == Verdict.DIFFERS
 
 
 def test_a_significant_difference_with_a_drop_barely_over_the_margin_is_no_fail():
@@ -130,7 +130,7 @@ def test_holm_adjusts_across_the_suite():
     assert 0.025 < min(p_values[:2]) and max(p_values[:2]) < 0.05 and p_values[2] < 1e-4  # x2 after mmlu: > 5%
     adjusted = holm(gates)
     assert [g.verdict for g in adjusted] == [Verdict.INCONCLUSIVE, Verdict.INCONCLUSIVE, Verdict.FAIL]
-    assert suite_verdict(adjusted, {"gpqa", "aime", "mmlu"}) == Verdict.FAIL
+    assert suite_verdict([g.verdict for g in adjusted]) == Verdict.FAIL
 
 
 def test_suite_verdicts():
@@ -138,11 +138,11 @@ def test_suite_verdicts():
     few = paired_gate("gpqa", *stacks(40, 0.6, 0.1, 0.1, seed=13), margin_pp=5.0)
     better = paired_gate("aime", *table(400, 100, native_only=0, flagos_only=60), 5.0)
     assert (passing.verdict, few.verdict, better.verdict) == (Verdict.PASS, Verdict.INCONCLUSIVE, Verdict.DIFFERS)
-    assert suite_verdict([passing], {"mmlu"}) == Verdict.PASS
-    assert suite_verdict([passing, few], {"mmlu", "gpqa"}) == Verdict.INCONCLUSIVE
-    assert suite_verdict([passing, few], {"mmlu"}) == Verdict.PASS  # an ungated benchmark decides nothing
-    assert suite_verdict([passing, better, few], {"mmlu", "aime", "gpqa"}) == Verdict.DIFFERS
-    assert suite_verdict([passing], set()) == Verdict.INCONCLUSIVE  # nothing gated proves nothing
+    assert suite_verdict([passing.verdict]) == Verdict.PASS
+    assert suite_verdict([passing.verdict, few.verdict]) == Verdict.INCONCLUSIVE
+    assert suite_verdict([passing.verdict, better.verdict, few.verdict]) == Verdict.DIFFERS
+    assert suite_verdict([Verdict.DIFFERS, Verdict.FAIL]) == Verdict.FAIL
+    assert suite_verdict([]) == Verdict.INCONCLUSIVE  # nothing gated proves nothing
 
 
 def test_mcnemar_is_the_exact_binomial_on_discordant_pairs():

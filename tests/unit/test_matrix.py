@@ -159,6 +159,33 @@ def test_chip_profile_errors_name_the_profile(project_copy: Path):
     assert "versions.flaggems: Input should be a valid string (quote it" in text
 
 
+def test_a_chip_whose_two_stacks_would_run_the_same_code_is_refused(project_copy: Path):
+    profile = project_copy / "images" / "cpu" / "chip.yaml"
+    data = yaml.safe_load(profile.read_text())
+    data["serve"]["flagos_env"] = data["serve"]["native_env"] = {"USE_FLAGGEMS": "0"}
+    profile.write_text(yaml.safe_dump(data))
+    with pytest.raises(MatrixError) as caught:
+        load_matrix(project_copy / "releases.yaml")
+    assert any("serve: flagos_env and native_env are the same ({'USE_FLAGGEMS': '0'}): the two stacks "
+               "would run the same code" in problem for problem in caught.value.problems), caught.value.problems
+
+
+def test_a_chip_keeps_named_operators_native_each_with_its_reason(project_copy: Path):
+    profile = project_copy / "images" / "cpu" / "chip.yaml"
+    data = yaml.safe_load(profile.read_text())
+    data["serve"]["native_ops"] = {"silu_and_mul": "1-2 bf16 ulp of jitter flip greedy near-ties"}
+    profile.write_text(yaml.safe_dump(data))
+    serve = load_matrix(project_copy / "releases.yaml").chips["cpu"].serve
+    assert serve.flagos_environment == {
+        "USE_FLAGGEMS": "1", "FLAGOS_OPS": "rms_norm,fused_add_rms_norm,rotary_embedding,topk_softmax,moe_sum,softmax"}
+    data["serve"]["native_ops"] = {"silu_and_mull": "typo"}
+    profile.write_text(yaml.safe_dump(data))
+    with pytest.raises(MatrixError) as caught:
+        load_matrix(project_copy / "releases.yaml")
+    assert any("native_ops names unknown operator(s) ['silu_and_mull']; allowed: rms_norm, fused_add_rms_norm, "
+               "silu_and_mul" in problem for problem in caught.value.problems), caught.value.problems
+
+
 def test_chip_profile_name_must_match_its_folder(project_copy: Path):
     profile = project_copy / "images" / "cpu" / "chip.yaml"
     lines = profile.read_text().splitlines()

@@ -1,0 +1,76 @@
+"""A finer consistency signal than accuracy: how often the two stacks write the same reply, and how far into a reply
+they part, each next to the same numbers for two runs of the native stack (the noise floor: batching alone can
+change a GPU's reductions).
+
+A mild integration bug can leave accuracy unchanged at 1,000 items while the share of identical replies falls
+(measured on the H200: epsilon x 100 in RMSNorm). Positions are in words and punctuation marks, since the OpenAI
+API returns text, not token ids. Token log-probabilities would allow top-1 agreement and KL divergence, but the
+engine (transformers serve 5.22.2) refuses `logprobs`, so those are reported as not served.
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+
+from pydantic import BaseModel, ConfigDict
+
+from flows.evaluate.gate import Verdict
+
+WORD = re.compile(r"\w+|[^\w\s]")
+LOGPROBS = "not served: transformers serve refuses logprobs, so top-1 agreement and KL divergence are not measured"
+
+
+class Agreement(BaseModel):
+    """Two runs' replies to the same requests."""
+
+    model_config = ConfigDict(frozen=True)
+
+    identical: float  # share of (item, repeat) replies with the same text
+    first_divergence: float | None  # median word position where differing replies part (None: none differ)
+
+
+class Signal(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    flagos: Agreement  # FlagOS against native
+    baseline: Agreement | None  # native against native (None: no second native run here)
+    logprobs: str = LOGPROBS
+    max_identical_drop_pp: float | None = None  # the suite's gate on it; None: reported, not gated
+    verdict: Verdict | None = None
+
+    @property
+    def identical_drop(self) -> float | None:
+        return None if self.baseline is None else self.baseline.identical - self.flagos.identical
+
+
+def first_divergence(a: str, b: str) -> int:
+    left, right = WORD.findall(a), WORD.findall(b)
+    for position, (x, y) in enumerate(zip(left, right)):
+        if x != y:
+            return position
+    return min(len(left), len(right))
+
+
+def agreement(first: list, second: list) -> Agreement:
+    """Replies of two runs (flows.evaluate.client.ItemResult), paired by item and repeat."""
+    other = {(r.id, r.repeat): r.response for r in second}
+    pairs = [(r.response, other[(r.id, r.repeat)]) for r in first if (r.id, r.repeat) in other]
+    differing = [first_divergence(a, b) for a, b in pairs if a != b]
+    return Agreement(identical=(len(pairs) - len(differing)) / len(pairs) if pairs else 0.0,
+                     first_divergence=statistics.median(differing) if differing else None)
+
+
+def consistency_signal(native: list, flagos: list, native_again: list | None,
+                       max_identical_drop_pp: float | None) -> Signal:
+    """FlagOS-vs-native agreement beside native-vs-native; FAIL when gated and the identical share falls more than
+    the suite allows below the baseline (INCONCLUSIVE when gated without a baseline)."""
+    signal = Signal(flagos=agreement(native, flagos),
+                    baseline=agreement(native, native_again) if native_again is not None else None,
+                    max_identical_drop_pp=max_identical_drop_pp)
+    if max_identical_drop_pp is None:
+        return signal
+    if signal.identical_drop is None:
+        return signal.model_copy(update={"verdict": Verdict.INCONCLUSIVE})
+    failed = signal.identical_drop * 100 > max_identical_drop_pp
+    return signal.model_copy(update={"verdict": Verdict.FAIL if failed else Verdict.PASS})
