@@ -1,4 +1,4 @@
-"""Name the operator that broke a release: when a benchmark FAILs, ask its discordant items (up to 64 of them) plus
+"""Name the operator that broke a release: when a benchmark FAILs, ask its discordant items (up to 32 of them) plus
 a fixed sample of the rest again with subsets of our operators switched on, halving the candidates each pass.
 
 A subset reproduces the drop when its own drop on those items (native accuracy minus the subset's) is at least half
@@ -18,8 +18,8 @@ from collections.abc import Callable, Sequence
 
 from pydantic import BaseModel, ConfigDict, computed_field
 
-SAMPLE_OF_AGREEING = 16
-MAX_DISCORDANT = 64  # a drop that FAILed shows on 64 of its items; more would only lengthen every pass
+SAMPLE_OF_AGREEING = 8
+MAX_DISCORDANT = 32  # a drop that FAILed shows on 32 of its items; more would only lengthen every pass
 SAMPLE_SEED = 1234
 REPRODUCES_SHARE = 0.5
 
@@ -90,6 +90,10 @@ def bisect_culprits(benchmark: str, operators: Sequence[str], native: dict[str, 
     native_accuracy = sum(native[i] for i in items) / len(items)
     flagos_accuracy = sum(flagos[i] for i in items) / len(items)
     full_drop = native_accuracy - flagos_accuracy
+    if full_drop <= 0:
+        return _diagnosis(benchmark, operators, items, native_accuracy, flagos_accuracy, [], [],
+                          "nothing to bisect: the FlagOS stack does not score lower than native on these items",
+                          original)
     started = time.monotonic()
     probes: list[Probe] = []
 

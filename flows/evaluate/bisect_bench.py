@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.evaluate.bisect_bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--items", type=int, default=200)
     parser.add_argument("--fault", default="gate-up-swapped")
-    parser.add_argument("--gguf", type=Path, default=next(iter(sorted((cache_root() / "test-weights").rglob("*Q4_1.gguf"))), None))
+    found = sorted((cache_root() / "test-weights").rglob("*Q4_1.gguf"))
+    parser.add_argument("--gguf", type=Path, default=found[0] if found else None)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     if args.gguf is None or not args.gguf.is_file():
@@ -53,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         with local_engine(args.gguf.parent, SERVED_NAME, environment, cache, gguf_file=args.gguf.name) as url:
             before = operator_report(url)
             runs = [ask_stack(url, SERVED_NAME, asked, definition, concurrency=CONCURRENCY) for _ in range(times)]
-            return runs, (usage(before, operator_report(url), "flagos") if environment.get("USE_FLAGGEMS") == "1" else None)
+            flagos = environment.get("USE_FLAGGEMS") == "1"
+            return runs, usage(before, operator_report(url), "flagos") if flagos else None
 
     started = time.monotonic()
     (native, _again), _ = serve_and_ask({"USE_FLAGGEMS": "0"}, items, times=2)

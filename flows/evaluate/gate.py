@@ -9,7 +9,8 @@ scored lower.
 - DIFFERS: FlagOS is better beyond the margin (the mirror test, Holm-corrected). Not consistent either: a kernel
   bug rarely helps a model, a broken reference often does.
 - INCONCLUSIVE: none of these, or the comparison measures nothing: the reference does not beat chance by the
-  margin, or either stack's replies could not be read on too many items.
+  margin, or its replies could not be read on too many items. FlagOS replies unreadable on too many items never
+  PASS either, but they FAIL when the drop is significant (a broken stack often writes garbage).
 
 The interval is the Wald interval of a paired mean with Agresti and Min's pseudo-counts (half a sample discordant
 each way, one concordant) and Student's t with n - 1 degrees of freedom: exact agreement on n single-sample items
@@ -69,6 +70,7 @@ class BenchmarkGate(BaseModel):
     agreement: float | None  # share of answers whose extracted values are identical
     native_unreadable: float  # share of answers the extractor could not read
     flagos_unreadable: float
+    max_unreadable: float = MAX_UNREADABLE
     chance: float
     margin: float
     looks: int = 1  # how many times the schedule may look at this benchmark; each look at ALPHA / looks
@@ -122,18 +124,17 @@ def paired_gate(benchmark: str, native: dict[str, float], flagos: dict[str, floa
         p_better=min(1.0, looks * float(quantile.cdf((centre + margin) / se))),
         mcnemar_p=mcnemar_exact(native_only, flagos_only) if binary else None, native_only=native_only,
         flagos_only=flagos_only, agreement=agreement, native_unreadable=unreadable[0], flagos_unreadable=unreadable[1],
-        chance=chance, margin=margin, looks=looks, detectable_drop=detectable,
+        max_unreadable=max_unreadable, chance=chance, margin=margin, looks=looks, detectable_drop=detectable,
         items_needed=math.ceil((n + pseudo) * (detectable / margin) ** 2) if detectable > margin else None,
-        verdict=Verdict.INCONCLUSIVE, reason=_vacuous(float(ref.mean()), chance, margin, unreadable, max_unreadable))
+        verdict=Verdict.INCONCLUSIVE, reason=_vacuous(float(ref.mean()), chance, margin, unreadable[0], max_unreadable))
     return _decide(gate, gate.p_worse, gate.p_better)
 
 
-def _vacuous(native_accuracy: float, chance: float, margin: float, unreadable: tuple[float, float],
+def _vacuous(native_accuracy: float, chance: float, margin: float, native_unreadable: float,
              max_unreadable: float) -> str | None:
-    for role, share in zip(("native", "FlagOS"), unreadable):
-        if share > max_unreadable:
-            return (f"measures nothing: {share:.0%} of the {role} stack's answers could not be read (at most "
-                    f"{max_unreadable:.0%} allowed); check max_tokens and the model's reply format")
+    if native_unreadable > max_unreadable:
+        return (f"measures nothing: {native_unreadable:.0%} of the native stack's answers could not be read (at most "
+                f"{max_unreadable:.0%} allowed); check max_tokens and the model's reply format")
     if native_accuracy <= chance + margin:
         return (f"measures nothing for this model: the native stack scores {native_accuracy:.3f}, not above chance "
                 f"({chance:.3f}) by the margin ({margin * 100:.1f} pp)")
@@ -144,6 +145,12 @@ def _decide(gate: BenchmarkGate, p_worse: float, p_better: float) -> BenchmarkGa
     """The verdict from the interval and the (Holm-adjusted) one-sided p-values."""
     if gate.vacuous:
         return gate.model_copy(update={"verdict": Verdict.INCONCLUSIVE})
+    if gate.flagos_unreadable > gate.max_unreadable:
+        if p_worse < ALPHA:
+            return gate.model_copy(update={"verdict": Verdict.FAIL, "reason": None})
+        return gate.model_copy(update={"verdict": Verdict.INCONCLUSIVE, "reason": (
+            f"{gate.flagos_unreadable:.0%} of the FlagOS stack's answers could not be read (at most "
+            f"{gate.max_unreadable:.0%} allowed), so it is not shown consistent")})
     reason = None
     if -gate.margin < gate.ci_low and gate.ci_high < gate.margin:
         verdict = Verdict.PASS

@@ -15,7 +15,7 @@ import statistics
 
 from pydantic import BaseModel, ConfigDict
 
-from flows.evaluate.gate import Verdict
+from flows.evaluate.gate import Verdict, mcnemar_exact
 
 WORD = re.compile(r"\w+|[^\w\s]")
 LOGPROBS = "not served: transformers serve refuses logprobs, so top-1 agreement and KL divergence are not measured"
@@ -35,6 +35,7 @@ class Signal(BaseModel):
 
     flagos: Agreement  # FlagOS against native
     baseline: Agreement | None  # native against native (None: no second native run here)
+    p_value: float | None = None  # exact McNemar: identical to native on one comparison but not the other, per reply
     logprobs: str = LOGPROBS
     max_identical_drop_pp: float | None = None  # the suite's gate on it; None: reported, not gated
     verdict: Verdict | None = None
@@ -61,12 +62,26 @@ def agreement(first: list, second: list) -> Agreement:
                      first_divergence=statistics.median(differing) if differing else None)
 
 
+def _paired_p(native: list, flagos: list, native_again: list) -> float:
+    """Whether FlagOS departs from native more often than native departs from itself, reply by reply."""
+    same_flagos = {(r.id, r.repeat): r.response for r in flagos}
+    same_again = {(r.id, r.repeat): r.response for r in native_again}
+    only_baseline = only_flagos = 0
+    for reply in native:
+        key = (reply.id, reply.repeat)
+        flagos_same, again_same = same_flagos.get(key) == reply.response, same_again.get(key) == reply.response
+        only_baseline += again_same and not flagos_same
+        only_flagos += flagos_same and not again_same
+    return mcnemar_exact(only_baseline, only_flagos)
+
+
 def consistency_signal(native: list, flagos: list, native_again: list | None,
                        max_identical_drop_pp: float | None) -> Signal:
     """FlagOS-vs-native agreement beside native-vs-native; FAIL when gated and the identical share falls more than
     the suite allows below the baseline (INCONCLUSIVE when gated without a baseline)."""
     signal = Signal(flagos=agreement(native, flagos),
                     baseline=agreement(native, native_again) if native_again is not None else None,
+                    p_value=_paired_p(native, flagos, native_again) if native_again is not None else None,
                     max_identical_drop_pp=max_identical_drop_pp)
     if max_identical_drop_pp is None:
         return signal

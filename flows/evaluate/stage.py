@@ -91,7 +91,8 @@ class BenchmarkOutcome(BaseModel):
         if gate.verdict == Verdict.FAIL:
             found = ""
             if self.diagnosis is not None:
-                found = f"; culprit: {self.diagnosis.conclusion}" + (f"; {self.diagnosis.remedy}" if self.diagnosis.remedy else "")
+                found = f"; culprit: {self.diagnosis.conclusion}"
+                found += f"; {self.diagnosis.remedy}" if self.diagnosis.remedy else ""
             return (f"FlagOS is worse by {gate.drop * 100:.2f} pp, beyond the {gate.margin * 100:.1f} pp margin "
                     f"(interval [{gate.ci_low * 100:+.2f}, {gate.ci_high * 100:+.2f}] pp){found}")
         if gate.verdict == Verdict.DIFFERS:
@@ -287,7 +288,8 @@ def evaluate(evaluation: Evaluation, client: docker.DockerClient | None, log: Ca
             except StackRefused as exc:
                 log(f"serving performance of the {source.stack.role} stack not measured: {exc}")
         outcomes = [_diagnosed(evaluation, stacks, o, evidence[o.benchmark], log)
-                    if o.gated and o.verdict == Verdict.FAIL and evidence.get(o.benchmark) else o for o in outcomes]
+                    if o.gated and o.gate and o.gate.verdict == Verdict.FAIL and evidence.get(o.benchmark) else o
+                    for o in outcomes]
     finally:
         stacks.close()
     verdict = suite_verdict([o.verdict for o in outcomes if o.gated])

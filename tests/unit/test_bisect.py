@@ -79,3 +79,10 @@ def test_three_bound_operators_take_at_most_three_passes():
         diagnosis = bisect_culprits("arithmetic", ["rms_norm", "silu_and_mul", "rotary_embedding"], native, flagos,
                                     stack, 600, (400, 100.0), lambda line: None)
         assert diagnosis.culprits == [culprit] and len(diagnosis.probes) <= 3
+
+
+def test_a_stack_that_does_not_score_lower_is_not_bisected():
+    native, _ = scored()
+    stack = Stack({"rms_norm"}, native, native)
+    diagnosis = bisect_culprits("arithmetic", SEVEN, native, dict(native), stack, 600, (400, 100.0), lambda line: None)
+    assert stack.calls == [] and diagnosis.conclusion.startswith("nothing to bisect")

@@ -119,6 +119,22 @@ def test_answers_the_extractor_cannot_read_make_the_benchmark_measure_nothing():
     assert gate_results("mmlu", readable, list(readable), 3.0, chance=0.25).verdict == Verdict.PASS
 
 
+def test_a_flagos_stack_writing_garbage_fails_and_never_passes():
+    """Native readable and right on half the items; FlagOS unreadable on 30%: identical scores would PASS if the
+    replies were readable, but unreadable replies never PASS; once they also cost accuracy, the gate FAILs."""
+    native = [result(i, "B" if i % 2 else "C", i % 2 == 1) for i in range(400)]
+    quiet = [result(i, "" if i % 10 < 3 and i % 2 == 0 else r.parsed, r.correct) for i, r in enumerate(native)]
+    gate = gate_results("mmlu", native, quiet, 3.0, chance=0.25)
+    assert gate.flagos_unreadable == 0.2 and gate.verdict == Verdict.PASS  # at the 20% allowed
+    garbled = [result(i, "" if i % 10 < 6 else r.parsed, r.correct and i % 10 >= 6) for i, r in enumerate(native)]
+    broken = gate_results("mmlu", native, garbled, 3.0, chance=0.25)
+    assert broken.flagos_unreadable == 0.6 and not broken.vacuous and broken.verdict == Verdict.FAIL
+    same_scores = [result(i, "" if i % 10 < 6 and i % 2 == 0 else r.parsed, r.correct) for i, r in enumerate(native)]
+    hidden = gate_results("mmlu", native, same_scores, 3.0, chance=0.25)
+    assert hidden.flagos_unreadable == 0.3 and hidden.verdict == Verdict.INCONCLUSIVE
+    assert hidden.reason.startswith("30% of the FlagOS stack's answers could not be read")
+
+
 def test_holm_adjusts_across_the_suite():
     assert holm_adjusted([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
     assert holm_adjusted([0.2, 0.001]) == pytest.approx([0.2, 0.002])
