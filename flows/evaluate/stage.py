@@ -193,12 +193,15 @@ class Stacks:
             return source.stack
         if source.named is not None:
             return source.stack.model_copy(update={"served_by": f"endpoint named {source.named!r} by the engineer"})
-        identity = served_identity(operator_report(source.url))
+        report = operator_report(source.url)
+        identity = served_identity(report)
         if identity is None:
             variable = f"FLAGRELEASE_{'CANDIDATE' if source.stack.role == 'flagos' else 'REFERENCE'}_NAME"
-            raise StackRefused(f"the {source.stack.role} endpoint {source.url} reports no identity (no build or "
-                               f"checkpoint in /flagos/operators), so its answers could not be told from another "
-                               f"stack's at the same URL; name what it serves in {variable}")
+            what = ("serves no operator report (/flagos/operators): nothing shows which of our kernels it runs or "
+                    "what it serves" if report is None else "reports no identity (no build or checkpoint in "
+                    "/flagos/operators)")
+            raise StackRefused(f"the {source.stack.role} endpoint {source.url} {what}, so its answers could not be "
+                               f"told from another stack's at the same URL; name what it serves in {variable}")
         return source.stack.model_copy(update={"served_by": identity})
 
     def url(self, source: StackSource) -> str:
