@@ -139,7 +139,8 @@ def test_a_failed_gate_publishes_nothing(registry_settings: Settings, tmp_path: 
                               format="gguf", files=[FileRecord(path="m.gguf", size=1, sha256="0" * 64, mtime_ns=0)],
                               total_params=1, active_params=1, dtype="Q4_1", expected_from="lock",
                               verified_at=datetime.now(timezone.utc))
-    with pytest.raises(PublishRefused, match="did not pass its evaluation \\(arithmetic: FAIL\\)"):
+    with pytest.raises(PublishRefused, match="did not pass its evaluation \\(arithmetic: FAIL \\(FlagOS is worse by "
+                                             "30.00 pp, beyond the 3.0 pp margin"):
         publish(plan, load_matrix(PROJECT_DIR / "releases.yaml"), image, weights, report, registry, tmp_path,
                 PROJECT_DIR, "FlagRelease", lambda line: None)
     assert registry.manifest_digest(MOVING_TAG) is None and referrers(registry, image.digest) == []
