@@ -12,6 +12,7 @@ A sampled benchmark that ends INCONCLUSIVE is asked again with twice the repeats
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -472,7 +473,7 @@ def _diagnosed(evaluation: Evaluation, stacks: Stacks, outcome: BenchmarkOutcome
                else "the FlagOS stack's operator report shows no calls")
         return outcome.model_copy(update={"note": f"no culprit bisection: {why}"})
     by_id = {item.id: item for item in evidence.items}
-    probes = iter(range(1, 100))
+    probes = itertools.count(1)
 
     def ask(subset: list[str], ids: list[str]) -> tuple[dict[str, float], int]:
         items = [by_id[i] for i in ids]
@@ -490,7 +491,8 @@ def _diagnosed(evaluation: Evaluation, stacks: Stacks, outcome: BenchmarkOutcome
         diagnosis = bisect_culprits(outcome.benchmark, ran, item_means(evidence.reference),
                                     item_means(evidence.candidate), ask, evaluation.bisect_timeout_s,
                                     (evidence.requests, evidence.seconds), log)
-    except (StackFailed, StackRefused) as exc:
+    except FlagReleaseError as exc:  # a pass's stack refused, failed to serve or to answer: the FAIL stands
+        log(f"{outcome.benchmark}: culprit bisection stopped: {exc}")
         return outcome.model_copy(update={"note": f"culprit bisection stopped: {exc}"})
     log(f"{outcome.benchmark}: {diagnosis.conclusion} ({diagnosis.requests} extra requests, {diagnosis.seconds:.0f} s)")
     chip = evaluation.plan.chip.name
