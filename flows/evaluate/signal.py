@@ -53,10 +53,15 @@ def first_divergence(a: str, b: str) -> int:
     return min(len(left), len(right))
 
 
+def _replies(results: list) -> dict[tuple[str, int], str]:
+    """Each reply of a run (flows.evaluate.client.ItemResult), by item and repeat."""
+    return {(r.id, r.repeat): r.response for r in results}
+
+
 def agreement(first: list, second: list) -> Agreement:
-    """Replies of two runs (flows.evaluate.client.ItemResult), paired by item and repeat."""
-    other = {(r.id, r.repeat): r.response for r in second}
-    pairs = [(r.response, other[(r.id, r.repeat)]) for r in first if (r.id, r.repeat) in other]
+    """Replies of two runs, paired by item and repeat."""
+    other = _replies(second)
+    pairs = [(text, other[key]) for key, text in _replies(first).items() if key in other]
     differing = [first_divergence(a, b) for a, b in pairs if a != b]
     return Agreement(identical=(len(pairs) - len(differing)) / len(pairs) if pairs else 0.0,
                      first_divergence=statistics.median(differing) if differing else None)
@@ -64,12 +69,10 @@ def agreement(first: list, second: list) -> Agreement:
 
 def _paired_p(native: list, flagos: list, native_again: list) -> float:
     """Whether FlagOS departs from native more often than native departs from itself, reply by reply."""
-    same_flagos = {(r.id, r.repeat): r.response for r in flagos}
-    same_again = {(r.id, r.repeat): r.response for r in native_again}
+    flagos_replies, again_replies = _replies(flagos), _replies(native_again)
     only_baseline = only_flagos = 0
-    for reply in native:
-        key = (reply.id, reply.repeat)
-        flagos_same, again_same = same_flagos.get(key) == reply.response, same_again.get(key) == reply.response
+    for key, text in _replies(native).items():
+        flagos_same, again_same = flagos_replies.get(key) == text, again_replies.get(key) == text
         only_baseline += again_same and not flagos_same
         only_flagos += flagos_same and not again_same
     return mcnemar_exact(only_baseline, only_flagos)

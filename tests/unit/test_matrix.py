@@ -159,31 +159,34 @@ def test_chip_profile_errors_name_the_profile(project_copy: Path):
     assert "versions.flaggems: Input should be a valid string (quote it" in text
 
 
-def test_a_chip_whose_two_stacks_would_run_the_same_code_is_refused(project_copy: Path):
+def cpu_serve(project_copy: Path, **changes: object) -> Path:
+    """The copy's cpu profile with `serve` keys replaced; returns the matrix to load."""
     profile = project_copy / "images" / "cpu" / "chip.yaml"
     data = yaml.safe_load(profile.read_text())
-    data["serve"]["flagos_env"] = data["serve"]["native_env"] = {"USE_FLAGGEMS": "0"}
+    data["serve"].update(changes)
     profile.write_text(yaml.safe_dump(data))
+    return project_copy / "releases.yaml"
+
+
+def refusal(matrix: Path) -> list[str]:
     with pytest.raises(MatrixError) as caught:
-        load_matrix(project_copy / "releases.yaml")
+        load_matrix(matrix)
+    return caught.value.problems
+
+
+def test_a_chip_whose_two_stacks_would_run_the_same_code_is_refused(project_copy: Path):
+    problems = refusal(cpu_serve(project_copy, flagos_env={"USE_FLAGGEMS": "0"}, native_env={"USE_FLAGGEMS": "0"}))
     assert any("serve: flagos_env and native_env are the same ({'USE_FLAGGEMS': '0'}): the two stacks "
-               "would run the same code" in problem for problem in caught.value.problems), caught.value.problems
+               "would run the same code" in problem for problem in problems), problems
 
 
 def test_a_chip_keeps_named_operators_native_each_with_its_reason(project_copy: Path):
-    profile = project_copy / "images" / "cpu" / "chip.yaml"
-    data = yaml.safe_load(profile.read_text())
-    data["serve"]["native_ops"] = {"silu_and_mul": "1-2 bf16 ulp of jitter flip greedy near-ties"}
-    profile.write_text(yaml.safe_dump(data))
-    serve = load_matrix(project_copy / "releases.yaml").chips["cpu"].serve
-    assert serve.flagos_environment == {
+    matrix = cpu_serve(project_copy, native_ops={"silu_and_mul": "1-2 bf16 ulp of jitter flip greedy near-ties"})
+    assert load_matrix(matrix).chips["cpu"].serve.flagos_environment == {
         "USE_FLAGGEMS": "1", "FLAGOS_OPS": "rms_norm,fused_add_rms_norm,rotary_embedding,topk_softmax,moe_sum,softmax"}
-    data["serve"]["native_ops"] = {"silu_and_mull": "typo"}
-    profile.write_text(yaml.safe_dump(data))
-    with pytest.raises(MatrixError) as caught:
-        load_matrix(project_copy / "releases.yaml")
+    problems = refusal(cpu_serve(project_copy, native_ops={"silu_and_mull": "typo"}))
     assert any("native_ops names unknown operator(s) ['silu_and_mull']; allowed: rms_norm, fused_add_rms_norm, "
-               "silu_and_mul" in problem for problem in caught.value.problems), caught.value.problems
+               "silu_and_mul" in problem for problem in problems), problems
 
 
 def test_chip_profile_name_must_match_its_folder(project_copy: Path):
