@@ -8,12 +8,11 @@ import math
 import numpy as np
 import pytest
 from scipy.stats import binomtest
-
-from flows.evaluate.client import ItemResult
 from scipy.stats import t as student_t
 
+from flows.evaluate.client import ItemResult
 from flows.evaluate.gate import (GateError, Verdict, gate_results, holm, holm_adjusted, mcnemar_exact, paired_gate,
-                                 suite_verdict)
+                                 repeat_schedule, suite_verdict)
 
 
 def stacks(n: int, accuracy: float, lose: float, gain: float, seed: int) -> tuple[dict[str, float], dict[str, float]]:
@@ -205,3 +204,14 @@ def test_answer_agreement_is_reported():
 def test_different_items_are_refused():
     with pytest.raises(GateError, match="not scored on the same items \\(1 only on the native side, 0 only on the FlagOS side\\)"):
         paired_gate("mmlu", {"a": 1.0, "b": 0.0}, {"a": 1.0}, 1.5)
+
+
+def test_each_look_of_a_repeat_schedule_spends_a_share_of_alpha():
+    """Looked at up to 3 times (8 -> 16 -> 32 repeats), each look is tested at 5% / 3: a wider interval and p-values
+    three times the single look's, so stopping at the first decisive look keeps the error rates."""
+    native, flagos = table(200, 60, native_only=12, flagos_only=4)
+    once, thrice = paired_gate("gpqa", native, flagos, 5.0), paired_gate("gpqa", native, flagos, 5.0, looks=3)
+    widening = student_t(199).ppf(1 - 0.05 / 3) / student_t(199).ppf(0.95)
+    assert (thrice.ci_high - thrice.ci_low) == pytest.approx((once.ci_high - once.ci_low) * widening)
+    assert thrice.p_worse == pytest.approx(min(1.0, 3 * once.p_worse)) and thrice.looks == 3
+    assert [len(repeat_schedule(8, 32, True)), len(repeat_schedule(8, 32, False))] == [3, 1]
