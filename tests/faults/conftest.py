@@ -180,9 +180,13 @@ def blobs_complete(registry_host: str) -> str:
     return f"yes ({len(tags)} tags)"
 
 
-def weights_manifest_state(weights: Path) -> str:
+def weights_manifests(state: Path) -> list[Path]:
+    return sorted((state / "weights").rglob("*.json"))
+
+
+def weights_manifest_state(state: Path) -> str:
     """'complete' when the verified manifest names files that all exist with their sizes, 'absent' when there is none."""
-    manifests = list(weights.rglob(".flagrelease-weights.json"))
+    manifests = weights_manifests(state)
     if not manifests:
         return "absent"
     for path in manifests:
@@ -209,8 +213,6 @@ def bench(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bench]:
     (project / "releases.yaml").write_text(matrix[:start] + SMALL_SUITE + matrix[end:])
     weights = root / "weights"
     shutil.copytree(cache_root() / "test-weights", weights)
-    for stale in weights.rglob(".flagrelease-weights.json"):
-        stale.unlink()  # the copy's manifest names the cache folder; this bench verifies its own copy
     services = Services(Settings(state_dir=root / "engine"))
     started = services.up(("docker",))
     bed = Bench(root=root, project=project, weights=weights, state=root / "state", started=[])

@@ -28,7 +28,7 @@ from tests.conftest import PROJECT_DIR
 from tests.engine.conftest import engine_server
 from tests.evaluate.conftest import llama_server
 from tests.faults.conftest import (REPOSITORY, SMALL_SUITE_ITEMS, Bench, Proxy, blobs_complete, latest_digest, record,
-                                   run_with_fault, weights_manifest_state)
+                                   run_with_fault, weights_manifest_state, weights_manifests)
 from tests.unit.test_matrix import JUNK, committed, leaf_paths, setter, write
 
 SNAPSHOT: dict[str, Path] = {}
@@ -245,7 +245,7 @@ def test_the_flow_killed_in_the_middle_of_publish_then_rerun(bench: Bench):
 def test_flipped_and_truncated_weights_are_fetched_again(bench: Bench):
     registry = bench.registry("weights", SNAPSHOT["built"])
     host = f"127.0.0.1:{registry.registry_port}"
-    manifest_path = next(bench.weights.rglob(".flagrelease-weights.json"))
+    manifest_path = weights_manifests(bench.state)[0]
     manifest = json.loads(manifest_path.read_text())
     gguf = Path(manifest["folder"]) / manifest["files"][0]["path"]
     observed = []
@@ -262,7 +262,7 @@ def test_flipped_and_truncated_weights_are_fetched_again(bench: Bench):
         observed.append(f"{fault}: {state.type.value}")
     assert latest_digest(host) == image_digest(bench)
     record("weights: one flipped byte, then truncated", "detected, fetched again, run completes",
-           "; ".join(observed), f"manifest {weights_manifest_state(bench.weights)}")
+           "; ".join(observed), f"manifest {weights_manifest_state(bench.state)}")
 
 
 def test_no_latest_tag_ever_points_at_a_failed_or_partial_image(bench: Bench):

@@ -96,5 +96,13 @@ def test_drifted_prefect_yaml_is_reported(tmp_path: Path, state: dict[str, str])
 def test_help_lists_every_command():
     result = flagrelease("--help")
     assert result.returncode == 0
-    for command in ("list", "validate", "plan", "run", "serve", "deploy", "deployments", "services"):
+    for command in ("list", "validate", "plan", "weights", "lock", "run", "serve", "deploy", "deployments", "services"):
         assert command in result.stdout
+
+
+def test_lock_refuses_an_unknown_model_and_an_existing_lock(state: dict[str, str]):
+    unknown = flagrelease("lock", "smollm3", env=state)
+    assert unknown.returncode == 2 and "unknown model 'smollm3'; the matrix has:" in unknown.stderr
+    kept = flagrelease("lock", "smollm2-135m-instruct", env=state)
+    assert kept.returncode == 2 and "locks/smollm2-135m-instruct.json already exists; pass --replace" in kept.stderr
+    assert "Traceback" not in unknown.stderr + kept.stderr

@@ -1,4 +1,6 @@
-"""A tiny Qwen3-MoE-shaped checkpoint written by the tests with safetensors + numpy: 3 shards, an index, a config."""
+"""A tiny Qwen3-MoE-shaped checkpoint written by the tests with safetensors + numpy: 3 shards, an index, a config,
+and the other files a real model repo carries (a BPE tokenizer trained here with `tokenizers`, its vocab and merges,
+tokenizer and generation configs, README, LICENSE, .gitattributes)."""
 
 from __future__ import annotations
 
@@ -55,12 +57,38 @@ def write_checkpoint(folder: Path, shards: int = 3) -> Path:
     (folder / "config.json").write_text(json.dumps({"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
                                                     "hidden_size": HIDDEN, "num_hidden_layers": LAYERS,
                                                     "num_experts": EXPERTS, "num_experts_per_tok": ACTIVE}))
+    write_repo_files(folder)
     return folder
 
 
-def write_lock(project: Path, model_name: str, folder: Path, names: list[str]) -> None:
+REPO_FILES = ["tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "generation_config.json",
+              "README.md", "LICENSE", ".gitattributes"]
+
+
+def write_repo_files(folder: Path) -> None:
+    """The non-weight files of a real repo, made the way their tools make them."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    text = ["the FlagOS stack answers like the native stack", "weights are verified before they are served"] * 20
+    tokenizer.train_from_iterator(text, trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|endoftext|>"]))
+    tokenizer.save(str(folder / "tokenizer.json"))
+    tokenizer.model.save(str(folder))  # vocab.json + merges.txt
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "Qwen2Tokenizer",
+                                                              "eos_token": "<|endoftext|>", "model_max_length": 32768}))
+    (folder / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": 0.6, "top_p": 0.95}))
+    (folder / "README.md").write_text("---\nlicense: apache-2.0\n---\n# Tiny-Qwen3-MoE\n")
+    (folder / "LICENSE").write_text("Apache License\nVersion 2.0, January 2004\n")
+    (folder / ".gitattributes").write_text("*.safetensors filter=lfs diff=lfs merge=lfs -text\n")
+
+
+def write_lock(project: Path, model_name: str, folder: Path, names: list[str] | None = None) -> None:
+    """locks/<model>.json for `names` (default: every file of the folder, as `flagrelease lock` records it)."""
+    from flows.weights.expected import folder_files
+
     files = {n: {"size": (folder / n).stat().st_size, "sha256": hashlib.sha256((folder / n).read_bytes()).hexdigest()}
-             for n in names}
+             for n in (folder_files(folder) if names is None else names)}
     (project / "locks").mkdir(parents=True, exist_ok=True)
     (project / "locks" / f"{model_name}.json").write_text(json.dumps({"model": model_name, "files": files}))
 
@@ -87,5 +115,5 @@ def pin_and_fetch(model: Model, root: Path, log=print, reverify: bool = False):
     from flows.weights.manifest import prepare_weights
 
     pinned = resolve_revision(model.source, offline=False, timeout_s=5, pypi_index="unused")
-    manifest, hashed = prepare_weights("tiny", model, pinned, root / "weights", root, reverify, log)
+    manifest, hashed = prepare_weights("tiny", model, pinned, root / "weights", root, root / "state", reverify, log)
     return pinned, manifest, hashed

@@ -34,6 +34,13 @@ class StandInRepo:
     drop_after: dict[str, int] = field(default_factory=dict)
     ranges: list[tuple[str, str]] = field(default_factory=list)
     bytes_served: int = 0
+    _counting: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def count(self, sent: int) -> None:
+        """Add bytes sent by one handler thread. (`bytes_served += send_body(...)` read the total before a send that
+        can block while another connection is served, and lost that connection's bytes: a flaky count.)"""
+        with self._counting:
+            self.bytes_served += sent
 
 
 class HubRepo(StandInRepo):
@@ -97,8 +104,7 @@ def serve(hub: HubRepo) -> tuple[ThreadingHTTPServer, str]:
                 hub.ranges.append((path.name, requested))
             extra = {"X-Repo-Commit": COMMIT,
                      "ETag": f'"{entry["lfs"]["sha256"] if "lfs" in entry else entry["blobId"]}"'}
-            hub.bytes_served += send_body(self, data, requested, None if head else hub.drop_after.pop(path.name, None),
-                                          extra, head)
+            hub.count(send_body(self, data, requested, None if head else hub.drop_after.pop(path.name, None), extra, head))
 
         def do_HEAD(self) -> None:  # noqa: N802 (http.server API)
             self._file(head=True)

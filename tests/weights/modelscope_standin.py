@@ -58,7 +58,7 @@ def serve(hub: ModelScopeRepo) -> tuple[ThreadingHTTPServer, str]:
             requested = self.headers.get("Range")
             if requested:
                 hub.ranges.append((path.name, requested))
-            hub.bytes_served += send_body(self, path.read_bytes(), requested, hub.drop_after.pop(path.name, None))
+            hub.count(send_body(self, path.read_bytes(), requested, hub.drop_after.pop(path.name, None)))
 
         def log_message(self, *args: object) -> None:
             pass

@@ -1,5 +1,5 @@
 """The Hugging Face source against the loopback stand-in hub (tests/weights/hub_standin.py): pinned revision,
-published LFS sha256 as the expected hashes, resume of an interrupted download, and the hub's errors."""
+published LFS sha256 (git blob ids for the small files) as the expected hashes, resume of an interrupted download, and the hub's errors."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def test_revision_pins_to_the_commit_and_files_match_the_published_hashes(hub: H
     model = hf_model(tmp_path)
     pinned = resolve_revision(model.source, offline=False, timeout_s=5, pypi_index="unused")
     assert pinned.resolved == COMMIT
-    manifest, hashed = prepare_weights("tiny", model, pinned, tmp_path / "weights", tmp_path, False, print)
+    manifest, hashed = prepare_weights("tiny", model, pinned, tmp_path / "weights", tmp_path, tmp_path / "state", False, print)
     assert manifest.expected_from == "hub metadata" and manifest.revision == COMMIT
     published = {p.name: p.read_bytes() for p in hub.folder.iterdir()}
     for record in manifest.files:
@@ -70,10 +70,22 @@ def test_a_corrupted_file_is_fetched_again_from_the_hub(hub: HubRepo, tmp_path: 
     data[len(data) // 2] ^= 0x40
     local.write_bytes(bytes(data))
     log: list[str] = []
-    again, _ = prepare_weights("tiny", model, pinned, tmp_path / "weights", tmp_path, True, log.append)
+    again, _ = prepare_weights("tiny", model, pinned, tmp_path / "weights", tmp_path, tmp_path / "state", True, log.append)
     assert any(SHARD in line and "once more" in line for line in log)
     assert local.read_bytes() == (hub.folder / SHARD).read_bytes()
     assert [(f.path, f.sha256) for f in again.files] == [(f.path, f.sha256) for f in first.files]
+
+
+def test_a_small_file_is_checked_by_its_git_blob_id_and_fetched_again(hub: HubRepo, tmp_path: Path):
+    model = hf_model(tmp_path)
+    pinned, first, _ = pin_and_fetch(model, tmp_path, print, False)
+    tokenizer = Path(first.folder) / "tokenizer_config.json"
+    tokenizer.write_text(tokenizer.read_text().replace("32768", "99999"))  # same size, other bytes: not LFS, no sha256
+    log: list[str] = []
+    again, _ = prepare_weights("tiny", model, pinned, tmp_path / "weights", tmp_path, tmp_path / "state", False, log.append)
+    assert any("tokenizer_config.json: git blob" in line and "once more" in line for line in log)
+    assert tokenizer.read_bytes() == (hub.folder / "tokenizer_config.json").read_bytes()
+    assert {f.path for f in again.files} >= {"tokenizer.json", "vocab.json", "merges.txt", "README.md", ".gitattributes"}
 
 
 def test_a_file_the_hub_serves_wrong_fails_naming_it(hub: HubRepo, tmp_path: Path):
@@ -89,7 +101,7 @@ def test_a_file_the_hub_serves_wrong_fails_naming_it(hub: HubRepo, tmp_path: Pat
     from flows.weights.manifest import WeightsMismatch
 
     with pytest.raises(WeightsMismatch, match=f"{SHARD}: sha256"):
-        prepare_weights("tiny", model, pinned, tmp_path / "weights", tmp_path, False, print)
+        prepare_weights("tiny", model, pinned, tmp_path / "weights", tmp_path, tmp_path / "state", False, print)
 
 
 def test_unknown_revision_and_repository_are_named(hub: HubRepo, tmp_path: Path):
@@ -100,5 +112,5 @@ def test_unknown_revision_and_repository_are_named(hub: HubRepo, tmp_path: Path)
     other = tiny_model(tmp_path, source=ModelSource(hub="huggingface", repo="nobody/nothing", revision="main"))
     with pytest.raises(BadInput, match="huggingface:nobody/nothing: no such repository"):
         prepare_weights("tiny", other, resolve_revision(other.source, offline=True, timeout_s=1, pypi_index="x"),
-                        tmp_path / "weights", tmp_path, False, print)
+                        tmp_path / "weights", tmp_path, tmp_path / "state", False, print)
     shutil.rmtree(tmp_path / "weights", ignore_errors=True)

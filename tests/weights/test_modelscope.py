@@ -39,9 +39,9 @@ def test_pinned_download_is_hashed_once_while_it_arrives(modelscope: ModelScopeR
     pinned = resolve_revision(model.source, offline=False, timeout_s=5, pypi_index="unused")
     assert pinned.resolved == COMMIT
     log: list[str] = []
-    manifest, hashed = prepare_weights("tiny", model, pinned, tmp_path / "weights", tmp_path, False, log.append)
+    manifest, hashed = prepare_weights("tiny", model, pinned, tmp_path / "weights", tmp_path, tmp_path / "state", False, log.append)
     assert hashed == 0  # every file was hashed on the way in: verification read none of them again
-    assert any("hashing 0 files, 0 MiB (5 hashed while downloading)" in line for line in log)
+    assert any("hashing 0 files, 0 MiB (13 hashed while downloading)" in line for line in log)
     assert manifest.expected_from == "hub metadata" and manifest.revision == COMMIT
     for record in manifest.files:
         assert (Path(manifest.folder) / record.path).read_bytes() == (modelscope.folder / record.path).read_bytes()
@@ -66,11 +66,11 @@ def test_a_broken_transfer_resumes_from_where_it_stopped(modelscope: ModelScopeR
 def test_a_partial_file_left_by_a_killed_run_is_resumed(modelscope: ModelScopeRepo, tmp_path: Path):
     model = ms_model(tmp_path)
     pinned = resolve_revision(model.source, offline=False, timeout_s=5, pypi_index="unused")
-    folder = tmp_path / "weights" / "tiny" / "master"
+    folder = tmp_path / "weights" / "tiny" / COMMIT
     folder.mkdir(parents=True)
     data = (modelscope.folder / SHARD).read_bytes()
     (folder / f"{SHARD}.partial").write_bytes(data[:1000])  # what a SIGKILLed download leaves
-    manifest, _ = prepare_weights("tiny", model, pinned, tmp_path / "weights", tmp_path, False, print)
+    manifest, _ = prepare_weights("tiny", model, pinned, tmp_path / "weights", tmp_path, tmp_path / "state", False, print)
     assert modelscope.ranges == [(SHARD, "bytes=1000-")]
     assert (folder / SHARD).read_bytes() == data and not (folder / f"{SHARD}.partial").exists()
     assert SHARD in [f.path for f in manifest.files]
@@ -79,12 +79,12 @@ def test_a_partial_file_left_by_a_killed_run_is_resumed(modelscope: ModelScopeRe
 def test_a_local_file_that_no_longer_matches_the_listing_is_fetched_again(modelscope: ModelScopeRepo, tmp_path: Path):
     model = ms_model(tmp_path)
     pinned, _, _ = pin_and_fetch(model, tmp_path, print, False)
-    local = tmp_path / "weights" / "tiny" / "master" / SHARD
+    local = tmp_path / "weights" / "tiny" / COMMIT / SHARD
     data = bytearray(local.read_bytes())
     data[len(data) // 2] ^= 0x10
     local.write_bytes(bytes(data))
     log: list[str] = []
-    prepare_weights("tiny", model, pinned, tmp_path / "weights", tmp_path, False, log.append)
+    prepare_weights("tiny", model, pinned, tmp_path / "weights", tmp_path, tmp_path / "state", False, log.append)
     assert any(f"{SHARD}: sha256" in line and "once more" in line for line in log)  # re-fetched, then right
     assert local.read_bytes() == (modelscope.folder / SHARD).read_bytes()
 
@@ -95,7 +95,7 @@ def test_unknown_revision_and_repository_are_named(modelscope: ModelScopeRepo, t
     other = tiny_model(tmp_path, source=ModelSource(hub="modelscope", repo="nobody/nothing", revision="master"))
     with pytest.raises(BadInput, match="modelscope:nobody/nothing: no such repository or revision"):
         prepare_weights("tiny", other, resolve_revision(other.source, offline=True, timeout_s=1, pypi_index="x"),
-                        tmp_path / "weights", tmp_path, False, print)
+                        tmp_path / "weights", tmp_path, tmp_path / "state", False, print)
 
 
 def test_a_download_that_will_not_fit_stops_before_the_first_byte(modelscope: ModelScopeRepo, tmp_path: Path,
