@@ -27,7 +27,6 @@ Text = Annotated[str, StringConstraints(min_length=1, strip_whitespace=True)]
 
 KNOWN_BENCHMARKS = ("livebench", "aime", "gpqa", "mmlu", "musr", "gsm8k", "arithmetic")
 NATIVE_REFERENCE = "native"
-AOT_TARGET = re.compile(r"^(cuda:(80|90)|hip:gfx942|corex:ivcore20)$")  # kernels/aot.py TARGETS
 REPOSITORY = re.compile(r"^[a-z0-9.-]+(:[0-9]{1,5})?(/[a-z0-9]+([._-][a-z0-9]+)*)+$")
 
 
@@ -118,7 +117,21 @@ class Suite(Strict):
                                   "finer signal (identical replies) has its native-vs-native noise floor")
     publish_when_better: bool = Field(default=False, description="publish a suite whose gated benchmarks each "
                                       "PASS or DIFFER (FlagOS better beyond the margin); the card then says by how much")
+    thinking: Literal["disabled", "enabled"] | None = Field(default=None, description="for a thinking model (Qwen3): "
+                                                            "disabled through the chat template (enable_thinking="
+                                                            "false), or enabled with the vendor's sampling and the "
+                                                            "answer read after </think>; unset: a model without it")
+    thinking_max_tokens: int | None = Field(default=None, ge=256, description="output budget per reply with thinking "
+                                            "enabled (the served max_model_len minus the longest prompt)")
     benchmarks: dict[Literal[KNOWN_BENCHMARKS], Benchmark] = Field(min_length=1)  # type: ignore[valid-type]
+
+
+    @model_validator(mode="after")
+    def _thinking_budget(self) -> "Suite":
+        if self.thinking == "enabled" and self.thinking_max_tokens is None:
+            raise ValueError("thinking: enabled needs thinking_max_tokens (a reply thinks for thousands of tokens "
+                             "before it answers; a short budget cuts every answer off)")
+        return self
 
 
 class Release(Strict):
@@ -157,9 +170,11 @@ class TritonSpec(Strict):
     @field_validator("aot_targets")
     @classmethod
     def _targets(cls, value: list[str]) -> list[str]:
-        bad = [t for t in value if not AOT_TARGET.match(t)]
+        from kernels.aot import TARGETS
+
+        bad = [t for t in value if t not in TARGETS]
         if bad:
-            raise ValueError(f"unknown AOT target(s) {bad}; allowed: cuda:80, cuda:90, hip:gfx942, corex:ivcore20")
+            raise ValueError(f"unknown AOT target(s) {bad}; allowed: {', '.join(TARGETS)}")
         return value
 
 

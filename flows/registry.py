@@ -3,13 +3,23 @@
 Manifests are always asked for with the Docker v2 *and* OCI media types: distribution 2.8 answers a tag lookup
 that lacks the Docker v2 type with a schema1 rewrite under another digest. Transient failures (connection errors,
 5xx) are retried with increasing delays; a registry that never answers says how to start the local one.
+
+Authentication follows the registry's challenge (`WWW-Authenticate` on a 401): `Basic` sends the credentials;
+`Bearer realm=...,service=...,scope=...` is the distribution token-authentication flow (Harbor, ACR and most hosted
+registries): GET the realm with the service and scope, with the credentials as Basic auth or anonymously (anonymous
+pull tokens), and send `Authorization: Bearer <token>`; a token is reused for later requests until `expires_in`
+(default 60 s) runs out, and a new one is asked for when the registry challenges for another scope. Written here
+rather than taken from a library: the `docker` SDK leaves this to the engine, and the requests this client makes
+(artifact manifests, the referrers fallback tag) are ones the engine does not make.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import requests
@@ -23,6 +33,9 @@ MANIFEST_TYPES = ", ".join((
     "application/vnd.oci.image.index.v1+json",
 ))
 RETRY_DELAYS_S = (1.0, 2.0, 4.0)
+DEFAULT_TOKEN_TTL_S = 60  # the token spec's default when the issuer gives no expires_in
+TOKEN_RENEW_MARGIN_S = 5  # ask for a new token this long before the old one runs out
+CHALLENGE_PARAM = re.compile(r'(\w+)="([^"]*)"')
 
 
 class RegistryError(FlagReleaseError):
@@ -50,11 +63,39 @@ class Repository:
         return f"{'http' if local else 'https'}://{self.host}/v2"
 
 
+@dataclass(frozen=True)
+class Challenge:
+    scheme: str  # "basic" or "bearer"
+    params: dict[str, str]
+
+    @classmethod
+    def of(cls, response: requests.Response) -> "Challenge | None":
+        header = response.headers.get("WWW-Authenticate", "")
+        scheme, _, rest = header.partition(" ")
+        return cls(scheme.lower(), dict(CHALLENGE_PARAM.findall(rest))) if scheme else None
+
+    @property
+    def scope(self) -> str | None:
+        return self.params.get("scope")
+
+
+@dataclass
+class _Token:
+    value: str
+    scope: str | None
+    renew_at: float
+
+
 class RegistryClient:
-    def __init__(self, repository: Repository, auth: tuple[str, str] | None = None, timeout_s: float = 15.0):
+    def __init__(self, repository: Repository, auth: tuple[str, str] | None = None, timeout_s: float = 15.0,
+                 clock: Callable[[], float] = time.monotonic):
         self.repository = repository
         self.auth = auth
         self.timeout_s = timeout_s
+        self.clock = clock
+        self._basic = False  # the registry asked for Basic: send the credentials from now on
+        self._token: _Token | None = None
+        self.tokens_fetched = 0
 
     def manifest_digest(self, reference: str) -> str | None:
         """The digest the registry serves for a tag or digest, or None if it has no such manifest."""
@@ -114,12 +155,62 @@ class RegistryClient:
 
     def _request(self, method: str, path: str, headers: dict[str, str] | None = None, data: bytes | None = None,
                  url: str | None = None) -> requests.Response:
+        """One registry request, authenticated as the registry's challenge asks (at most one new credential per call)."""
         url = url or f"{self.repository.base_url}{path}"
+        response = self._send(method, url, headers, data, *self._credentials())
+        challenge = Challenge.of(response) if response.status_code == 401 else None
+        if challenge is None:
+            return response
+        if challenge.scheme == "basic" and self.auth and not self._basic:
+            self._basic = True
+        elif challenge.scheme == "bearer" and "realm" in challenge.params and not self._holds(challenge.scope):
+            self._token = self._fetch_token(challenge)
+        else:
+            return response
+        return self._send(method, url, headers, data, *self._credentials())
+
+    def _credentials(self) -> tuple[dict[str, str], tuple[str, str] | None]:
+        """(extra headers, Basic credentials) for the next request: a current token, else Basic once asked for."""
+        if self._token is not None and self.clock() < self._token.renew_at:
+            return {"Authorization": f"Bearer {self._token.value}"}, None
+        return {}, self.auth if self._basic else None
+
+    def _holds(self, scope: str | None) -> bool:
+        """A current token was already granted for this scope (so a second 401 is a refusal, not a missing token)."""
+        return self._token is not None and self._token.scope == scope and self.clock() < self._token.renew_at
+
+    def _fetch_token(self, challenge: Challenge) -> _Token:
+        realm = challenge.params["realm"]
+        query = {"service": challenge.params.get("service", ""), **({"scope": challenge.scope} if challenge.scope else {})}
+        if self.auth:
+            query["account"] = self.auth[0]
+        asked = self.clock()
+        response = self._send("GET", realm, None, None, {}, self.auth, params=query)
+        who = f"the credentials of {self.auth[0]!r}" if self.auth else "anonymous access"
+        if response.status_code in (401, 403):
+            raise RegistryError(f"registry {self.repository.host}: its token issuer {realm} refused {who} for scope "
+                                f"{challenge.scope or '(none)'}; check FLAGRELEASE_REGISTRY_USER and "
+                                "FLAGRELEASE_REGISTRY_PASSWORD")
+        try:
+            body = response.json() if response.status_code == 200 else {}
+            value = body.get("token") or body.get("access_token")
+            ttl = float(body.get("expires_in") or DEFAULT_TOKEN_TTL_S)
+        except (ValueError, AttributeError, TypeError):
+            value = None
+        if not value:
+            raise RegistryError(f"registry {self.repository.host}: its token issuer {realm} answered HTTP "
+                                f"{response.status_code} without a token for scope {challenge.scope or '(none)'}")
+        self.tokens_fetched += 1
+        return _Token(value=value, scope=challenge.scope, renew_at=asked + max(ttl - TOKEN_RENEW_MARGIN_S, ttl / 2))
+
+    def _send(self, method: str, url: str, headers: dict[str, str] | None, data: bytes | None,
+              authorization: dict[str, str], basic: tuple[str, str] | None, **extra: object) -> requests.Response:
         last_error = ""
         for attempt, delay in enumerate((0.0, *RETRY_DELAYS_S)):
             time.sleep(delay)
             try:
-                response = requests.request(method, url, headers=headers, data=data, auth=self.auth, timeout=self.timeout_s)
+                response = requests.request(method, url, headers={**(headers or {}), **authorization}, data=data,
+                                            auth=basic, timeout=self.timeout_s, **extra)
             except requests.ConnectionError as exc:
                 last_error = f"cannot connect ({type(exc).__name__})"
                 continue
@@ -134,8 +225,10 @@ class RegistryClient:
 
     def _raise_for(self, response: requests.Response, what: str) -> None:
         if response.status_code == 401:
-            raise RegistryError(f"registry {self.repository.host} refused {what}: authentication required or wrong; "
-                                "set FLAGRELEASE_REGISTRY_USER and FLAGRELEASE_REGISTRY_PASSWORD")
+            challenge = Challenge.of(response)
+            scope = f" (scope {challenge.scope})" if challenge and challenge.scope else ""
+            raise RegistryError(f"registry {self.repository.host} refused {what}{scope}: authentication required or "
+                                "not enough; set FLAGRELEASE_REGISTRY_USER and FLAGRELEASE_REGISTRY_PASSWORD")
         if response.status_code >= 400:
             raise RegistryError(f"registry {self.repository.host} answered HTTP {response.status_code} for {what}: "
                                 f"{response.text[:300]}")

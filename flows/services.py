@@ -175,7 +175,11 @@ class Services:
         (root / "data").mkdir(parents=True, exist_ok=True)
         auth = ""
         user, password = os.environ.get(REGISTRY_USER_ENV), os.environ.get(REGISTRY_PASSWORD_ENV)
-        if user and password:
+        s = self.settings
+        if s.registry_token_realm:  # the issuer holds the users; the registry only checks its signed tokens
+            auth = (f"auth:\n  token:\n    realm: {s.registry_token_realm}\n    service: {s.registry_token_service}\n"
+                    f"    issuer: {s.registry_token_issuer}\n    rootcertbundle: {s.registry_token_certs}\n")
+        elif user and password:
             htpasswd = root / "htpasswd"
             # bcrypt (-B) is the only scheme distribution accepts; the password goes through stdin, never argv.
             subprocess.run([_binary("htpasswd", "apt-get install apache2-utils"), "-iBc", str(htpasswd), user],

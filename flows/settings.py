@@ -26,6 +26,12 @@ class Settings(BaseSettings):
     prefect_port: int = Field(default=4200, ge=1, le=65535)
     registry_host: str = "127.0.0.1"
     registry_port: int = Field(default=5000, ge=1, le=65535)
+    registry_token_realm: str | None = Field(default=None, description="run the local registry behind a token "
+                                             "issuer at this URL (distribution `auth: token`, as Harbor does) instead "
+                                             "of htpasswd")
+    registry_token_service: str = Field(default="flagrelease-registry", description="the token's audience")
+    registry_token_issuer: str | None = Field(default=None, description="the `iss` the registry trusts")
+    registry_token_certs: Path | None = Field(default=None, description="PEM bundle of the issuer's signing certificates")
     docker_host: str = "unix:///var/run/docker.sock"
     weights_dir: Path = Field(default_factory=lambda: cache_root() / "weights",
                               description="where downloaded weights live (large: a machine or NFS path, not the clone)")
@@ -51,6 +57,13 @@ class Settings(BaseSettings):
     hub_org: str = Field(default="FlagRelease", description="organisation of the hub repos the cards are pushed to")
     registry_override: str | None = Field(default=None, description="host:port that replaces the registry of every "
                                           "release repository (test and staging registries); not part of fingerprints")
+
+    @model_validator(mode="after")
+    def _token_auth_is_complete(self) -> "Settings":
+        if self.registry_token_realm and not (self.registry_token_issuer and self.registry_token_certs):
+            raise ValueError("FLAGRELEASE_REGISTRY_TOKEN_REALM needs FLAGRELEASE_REGISTRY_TOKEN_ISSUER and "
+                             "FLAGRELEASE_REGISTRY_TOKEN_CERTS (the issuer's certificate bundle)")
+        return self
 
     @model_validator(mode="after")
     def _names_need_endpoints(self) -> "Settings":

@@ -24,10 +24,13 @@ TARGETS: dict[str, tuple[str, int | str, int]] = {
     "cuda:80": ("cuda", 80, 32),
     "cuda:90": ("cuda", 90, 32),
     "hip:gfx942": ("hip", "gfx942", 64),
-    # Iluvatar BI-V150 through FlagTree's `corex` backend (warp 64); only FlagTree's Triton has that backend
-    "corex:ivcore20": ("corex", "ivcore20", 64),
+    # Iluvatar BI-V150 (ivcore20) through FlagTree's `corex` backend: like CUDA, the arch is the device capability
+    # (FlagTree's compiler makes it f"sm{arch}", parses it with ^sm(\d+)$ and maps 80 to ivcore20, 71 to ivcore11);
+    # warp 64. Only FlagTree's Triton has that backend.
+    "corex:ivcore20": ("corex", 80, 64),
 }
-BACKEND_PLUGIN = {"cuda": "nvidia", "hip": "amd"}  # Triton's backend package for each target backend
+# Triton's backend package (triton/backends/<name>) for each target backend; FlagTree ships corex as `iluvatar`.
+BACKEND_PLUGIN = {"cuda": "nvidia", "hip": "amd", "corex": "iluvatar"}
 MANIFEST = "aot-manifest.json"
 OP_MODULES = ("rms_norm", "fused_add_rms_norm", "silu_and_mul", "rotary_embedding", "topk_softmax", "moe_sum", "softmax")
 FP32_OPS = ("topk_softmax", "softmax")  # the router and the sampler also run in fp32
@@ -137,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from triton.backends import backends
 
-    missing = sorted({TARGETS[t][0] for t in args.target if BACKEND_PLUGIN.get(TARGETS[t][0], TARGETS[t][0]) not in backends})
+    missing = sorted({TARGETS[t][0] for t in args.target if BACKEND_PLUGIN[TARGETS[t][0]] not in backends})
     if missing:
         print(f"error: this Triton has no {', '.join(missing)} backend (it has: {', '.join(sorted(backends))}); "
               "compile those targets with the vendor's Triton, e.g. FlagTree in the chip's builder image", file=sys.stderr)

@@ -27,6 +27,8 @@ from flows.yamlfile import read_yaml
 
 LETTERS = "ABCD"
 SHUFFLE_SEED = 1234
+THINKING_SAMPLING = {"temperature": 0.6, "top_p": 0.95}  # Qwen3's published sampling for its thinking mode
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 
 class DatasetUnavailable(FlagReleaseError):
@@ -67,6 +69,19 @@ class BenchmarkDefinition(BaseModel):
     max_tokens: int = Field(ge=1)
     temperature: float = Field(default=0.0, ge=0, le=2, description="0: greedy; above 0 only with repeats")
     top_p: float = Field(default=1.0, gt=0, le=1)
+    thinking: Literal["disabled", "enabled"] | None = Field(default=None, description="set from the suite "
+                                                            "(`for_suite`), never in benchmarks.yaml")
+
+    def for_suite(self, thinking: str | None, thinking_max_tokens: int | None) -> "BenchmarkDefinition":
+        """The requests a suite asks: thinking disabled through the chat template, or enabled with the vendor's
+        sampling and the suite's output budget."""
+        if thinking == "enabled":
+            return self.model_copy(update={"thinking": thinking, "max_tokens": thinking_max_tokens, **THINKING_SAMPLING})
+        return self.model_copy(update={"thinking": thinking})
+
+    @property
+    def chat_template_kwargs(self) -> dict[str, bool] | None:
+        return None if self.thinking is None else {"enable_thinking": self.thinking == "enabled"}
 
     @property
     def chance(self) -> float:
@@ -77,7 +92,8 @@ class BenchmarkDefinition(BaseModel):
     @property
     def generation(self) -> dict[str, float | int]:
         """Everything that shapes an answer besides the prompt: part of every stored result's key."""
-        return {"max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p}
+        return {"max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
+                **({"thinking": self.thinking} if self.thinking else {})}
 
 
 class BenchmarkFile(BaseModel):
@@ -203,8 +219,17 @@ def normalize_integer(text: str) -> str:
     return normalize_number(cleaned)
 
 
+def final_answer(response: str) -> str:
+    """The part of a reply that answers: after the last </think>; nothing while a think block is still open (a
+    reply cut off mid-thought gives no answer, however many letters its thinking mentions)."""
+    if THINK_CLOSE in response:
+        return response.rsplit(THINK_CLOSE, 1)[1]
+    return "" if THINK_OPEN in response else response
+
+
 def extract(answer_kind: str, response: str) -> str:
     """The answer a response gives, or '' when it gives none (scored wrong)."""
+    response = final_answer(response)
     if answer_kind == "letter":
         match = LETTER_AFTER_ANSWER.search(response) or LEADING_LETTER.search(response)
         return match.group(1).upper() if match else ""

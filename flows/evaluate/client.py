@@ -48,7 +48,8 @@ async def _ask_all(base_url: str, model: str, items: list[Item], definition: Ben
             try:
                 reply = await client.chat.completions.create(
                     model=model, messages=[{"role": "user", "content": item.prompt}], seed=SEED + repeat,
-                    temperature=definition.temperature, top_p=definition.top_p, max_tokens=definition.max_tokens)
+                    temperature=definition.temperature, top_p=definition.top_p, max_tokens=definition.max_tokens,
+                    extra_body={"chat_template_kwargs": kwargs} if (kwargs := definition.chat_template_kwargs) else None)
             except openai.OpenAIError as exc:
                 return ItemResult(id=item.id, repeat=repeat, prompt_hash=item.prompt_hash, response="", parsed="",
                                   correct=False, latency_s=time.perf_counter() - started, completion_tokens=0,

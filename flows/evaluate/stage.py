@@ -129,6 +129,7 @@ class EvaluationReport(BaseModel):
     perf_verdict: Verdict | None
     operators: list[OpResult]
     publish_when_better: bool = False  # the suite's opt-in: DIFFERS (FlagOS better beyond the margin) may publish
+    thinking: str | None = None  # the suite's thinking mode for a thinking model: "disabled" or "enabled"
 
     def operator_use(self, role: str) -> OperatorUse | None:
         """One stack's operator calls summed over the suite, with its engine (None: it answered nothing here)."""
@@ -279,7 +280,8 @@ def evaluate(evaluation: Evaluation, client: docker.DockerClient | None, log: Ca
     perf: dict[str, list[PerfPoint]] = {}
     try:
         for name, benchmark in plan.suite.benchmarks.items():
-            outcome, evidence[name] = _evaluate_one(evaluation, stacks, name, benchmark, definitions.benchmarks[name],
+            definition = definitions.benchmarks[name].for_suite(plan.suite.thinking, plan.suite.thinking_max_tokens)
+            outcome, evidence[name] = _evaluate_one(evaluation, stacks, name, benchmark, definition,
                                                     definitions.version, log)
             outcomes.append(outcome)
         gates = {g.benchmark: g for g in holm([o.gate for o in outcomes if o.gate is not None])}
@@ -303,7 +305,7 @@ def evaluate(evaluation: Evaluation, client: docker.DockerClient | None, log: Ca
         reference=evaluation.reference.stack.served_by if evaluation.reference else f"stored results of {plan.reference}",
         outcomes=outcomes, verdict=verdict, perf=[StackPerf(stack=role, points=points) for role, points in perf.items()],
         perf_verdict=throughput_verdict(plan.suite.perf_min_ratio, perf), operators=evaluation.operators,
-        publish_when_better=plan.suite.publish_when_better)
+        publish_when_better=plan.suite.publish_when_better, thinking=plan.suite.thinking)
 
 
 def _revision(plan: Plan) -> str:

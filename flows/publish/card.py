@@ -75,6 +75,7 @@ class CardData(BaseModel):
     kernels_note: str
     operators_ran: str
     native_ops_note: str
+    thinking_note: str
     engine_version: str
     torch_version: str
     triton_version: str
@@ -200,6 +201,18 @@ def operators_ran(flagos: OperatorUse, native: OperatorUse | None) -> str:
     return sentence
 
 
+def thinking_note(report: EvaluationReport) -> str:
+    """How a thinking model was asked, as the suite chose and the report recorded it."""
+    if report.thinking == "disabled":
+        return ("The model's thinking mode was disabled through its chat template (`enable_thinking: false`) on both "
+                "stacks.")
+    if report.thinking == "enabled":
+        return ("The model thought before answering on both stacks (`enable_thinking: true`, temperature 0.6, top_p "
+                "0.95); each answer was read after its closing </think>, and a reply still thinking when cut off "
+                "counts as no answer.")
+    return ""
+
+
 def native_ops_note(plan: Plan) -> str:
     """The operators this chip keeps native, each with the reason its profile gives."""
     kept = plan.chip.serve.native_ops
@@ -250,7 +263,7 @@ def card_data(plan: Plan, image: ImageRef, image_config: dict, report: Evaluatio
                         f"{versions.get('triton', 'unknown')} and our Triton kernels, switched on by USE_FLAGGEMS=1"),
         kernels_note=kernels_note(plan, flagos),
         operators_ran=operators_ran(flagos, report.operator_use("native")),
-        native_ops_note=native_ops_note(plan),
+        native_ops_note=native_ops_note(plan), thinking_note=thinking_note(report),
         engine_version=f"{flagos.engine} (transformers {versions.get('transformers', 'unknown')})",
         torch_version=versions.get("torch", "unknown"), triton_version=versions.get("triton", "unknown"),
         operator_summary=(f"{passed} of {len(report.operators)} operator checks matched their references "

@@ -3,13 +3,14 @@
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from kernels.aot import MANIFEST, OP_MODULES
+from kernels.aot import BACKEND_PLUGIN, MANIFEST, OP_MODULES, TARGETS
 from tests.conftest import PROJECT_DIR
 
 
@@ -66,3 +67,26 @@ def test_unknown_target_exits_2_with_the_known_ones(tmp_path: Path):
     assert result.returncode == 2
     assert "unknown target 'cuda:75'; known targets: cuda:80, cuda:90, hip:gfx942" in result.stderr
     assert not list(tmp_path.iterdir())
+
+
+# Facts from FlagTree's corex backend (third_party/iluvatar/backend/compiler.py): `parse_options` turns the target's
+# arch into f"sm{arch}" and `_parse_arch` accepts only ^sm(\d+)$; `sm_arch_from_capability` maps 71 to ivcore11 and
+# 80 to ivcore20; FlagTree's own tests build GPUTarget("corex", capability, 64); the plugin folder is `iluvatar`.
+FLAGTREE_ARCH = re.compile(r"^sm(\d+)$")
+FLAGTREE_CAPABILITY = {71: "ivcore11", 80: "ivcore20"}
+
+
+def test_the_iluvatar_target_is_the_one_flagtree_parses():
+    from triton.backends.compiler import GPUTarget
+
+    backend, arch, warp_size = TARGETS["corex:ivcore20"]
+    target = GPUTarget(backend, arch, warp_size)
+    match = FLAGTREE_ARCH.fullmatch(f"sm{target.arch}")
+    assert match and FLAGTREE_CAPABILITY[int(match.group(1))] == "ivcore20"
+    assert (target.backend, target.warp_size, BACKEND_PLUGIN["corex"]) == ("corex", 64, "iluvatar")
+
+
+def test_a_corex_target_without_flagtree_says_which_triton_can_compile_it(tmp_path: Path):
+    result = aot("--target", "corex:ivcore20", "--out", str(tmp_path))
+    assert result.returncode == 2
+    assert "this Triton has no corex backend" in result.stderr and "FlagTree" in result.stderr

@@ -88,6 +88,32 @@ def test_missing_local_data_is_named_not_skipped(tmp_path: Path, monkeypatch: py
     ("letter", "I cannot tell.", ""), ("letter", "", ""),
     ("number", "5 + 7 = 12", "12"), ("number", "It costs $1,234.50 in total", "1234.5"), ("number", "no idea", ""),
     ("integer", "so the angle is 336^\\circ", "336"), ("integer", "\\boxed{070}", "70"),
+    ("letter", "<think>A seems wrong, maybe C</think>\n\nThe answer is B.", "B"),  # read after </think> only
+    ("letter", "<think>\nOkay, option A says", ""),  # cut off while thinking: no answer, not the A it mentions
+    ("number", "<think>7 * 8 = 54? no, 56</think>56", "56"), ("number", "<think>7 * 8 = 56", ""),
 ])
 def test_answer_extraction(kind: str, response: str, expected: str):
     assert extract(kind, response) == expected
+
+
+def test_a_suite_sets_the_thinking_mode_of_every_request_and_of_the_result_key():
+    mmlu = DEFINITIONS["mmlu"]
+    assert mmlu.chat_template_kwargs is None and "thinking" not in mmlu.generation  # a model without the mode
+    disabled = mmlu.for_suite("disabled", None)
+    assert disabled.chat_template_kwargs == {"enable_thinking": False} and disabled.max_tokens == mmlu.max_tokens
+    enabled = mmlu.for_suite("enabled", 30000)
+    assert enabled.chat_template_kwargs == {"enable_thinking": True}
+    assert (enabled.temperature, enabled.top_p, enabled.max_tokens) == (0.6, 0.95, 30000)
+    assert len({str(d.generation) for d in (mmlu, disabled, enabled)}) == 3  # stored results never mix modes
+
+
+def test_replies_still_thinking_when_cut_off_never_pass():
+    """Qwen3 asked with thinking on and MMLU's 8 tokens: every reply is an open <think>; both stacks 'agree'
+    perfectly, and the benchmark must say it measured nothing instead of PASS."""
+    from flows.evaluate.gate import Verdict, paired_gate
+
+    replies = [f"<think>\nOkay, the question asks about option {'ABCD'[i % 4]}" for i in range(400)]
+    parsed = [extract("letter", reply) for reply in replies]
+    scores = {str(i): float(p == "A") for i, p in enumerate(parsed)}
+    gate = paired_gate("mmlu", scores, dict(scores), 1.5, chance=0.25, unreadable=(1.0, 1.0))
+    assert set(parsed) == {""} and gate.verdict == Verdict.INCONCLUSIVE and gate.vacuous

