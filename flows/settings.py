@@ -58,6 +58,14 @@ class Settings(BaseSettings):
     registry_override: str | None = Field(default=None, description="host:port that replaces the registry of every "
                                           "release repository (test and staging registries); not part of fingerprints")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _images_beside_the_matrix(cls, data: object) -> object:
+        """A matrix elsewhere (`--matrix other/releases.yaml`) reads the chip profiles beside it, not this checkout's."""
+        if isinstance(data, dict) and data.get("matrix") and not data.get("images_dir"):
+            return {**data, "images_dir": Path(data["matrix"]).resolve().parent / "images"}
+        return data
+
     @model_validator(mode="after")
     def _token_auth_is_complete(self) -> "Settings":
         if self.registry_token_realm and not (self.registry_token_issuer and self.registry_token_certs):

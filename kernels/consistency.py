@@ -106,11 +106,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of a markdown table")
+    parser.add_argument("--seed", type=int, default=None, help="replay these inputs (default: fresh ones)")
     args = parser.parse_args(argv)
     if torch.device(args.device).type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         print("error: on a CPU the kernels run under Triton's interpreter: run with TRITON_INTERPRET=1", file=sys.stderr)
         return 2
-    rows = check(args.device, args.tokens)
+    rows = check(args.device, args.tokens, seed=args.seed)
     print(json.dumps([asdict(r) for r in rows], indent=1) if args.json else consistency_markdown(rows), end="")
     return 0 if all(r.passed for r in rows) else 1
 

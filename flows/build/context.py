@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 import jinja2
@@ -24,6 +24,7 @@ TRITON_CACHE = f"{FLAGOS_HOME}/triton-cache"
 MODEL_MOUNT = "/models"  # weights are mounted read-only here at run time, never baked in
 CACHE_MOUNT = "/var/cache/flagos"  # the engine's writable cache (a GGUF's one-time conversion), a volume at run time
 IMAGE_SOURCES = {"kernels": ("*.py",), "engine": ("*.py", "*.yaml")}  # copied into the image, folder by folder
+CLAIMS = "claims.json"  # the chip profile's `versions`, checked inside the image by engine/claims.py
 SERVE_CONFIGS = {"transformers": "transformers.json", "vllm": "vllm.yaml"}
 BACKEND_ENV = {"interpreter": {"TRITON_INTERPRET": "1"}}  # image environment per Triton backend
 SERVE_NAMES = {"Qwen3MoeForCausalLM": "qwen3", "llama": "llama"}  # FlagScale's example name per architecture
@@ -96,12 +97,13 @@ def build_record(plan: Plan) -> dict[str, str]:
 
 
 def image_labels(plan: Plan, kernels_manifest_sha256: str, project_dir: Path, build_flags: dict[str, str]) -> dict[str, str]:
-    revision, source = _git_identity(project_dir)
+    revision, source, committed = _git_identity(project_dir)
     labels = {
         "org.opencontainers.image.title": f"{plan.model.display_name}-{plan.chip.vendor}-FlagOS",
         "org.opencontainers.image.source": source,
         "org.opencontainers.image.revision": revision,
-        "org.opencontainers.image.created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        # the commit's time, not the build's (SOURCE_DATE_EPOCH's rule): the same inputs make the same image anywhere
+        "org.opencontainers.image.created": committed,
         "org.opencontainers.image.version": plan.short_fingerprint,
         "org.opencontainers.image.licenses": plan.model.license.id,
         "flagrelease.release": plan.release,
@@ -136,6 +138,7 @@ def assemble_context(plan: Plan, kernels: KernelArtifacts, base_image: str, whee
     manifest = _kernels_manifest(kernels)
     (dest / "flagos" / "kernels-manifest.json").write_text(manifest)
     (dest / "flagos" / BUILD_RECORD).write_text(json.dumps(build_record(plan), indent=2, sort_keys=True) + "\n")
+    (dest / "flagos" / CLAIMS).write_text(json.dumps(plan.chip.versions, indent=2, sort_keys=True) + "\n")
     config_name, config_text = render_serve_config(plan, project_dir)
     (dest / "serve").mkdir()
     (dest / "serve" / config_name).write_text(config_text)
@@ -153,12 +156,16 @@ def _kernels_manifest(kernels: KernelArtifacts) -> str:
                        "aot": aot}, indent=1, sort_keys=True) + "\n"
 
 
-def _git_identity(project_dir: Path) -> tuple[str, str]:
-    """(commit, source URL) of the checkout that built the image; `-dirty` marks uncommitted changes."""
+def _git_identity(project_dir: Path) -> tuple[str, str, str]:
+    """(commit, source URL, commit time in UTC) of the checkout that built the image; `-dirty` marks uncommitted
+    changes."""
     def git(*args: str) -> str:
-        result = subprocess.run(["git", "-C", str(project_dir), *args], capture_output=True, text=True)
+        result = subprocess.run(["git", "-C", str(project_dir), *args], capture_output=True, text=True,
+                                env={**os.environ, "TZ": "UTC"})
         return result.stdout.strip() if result.returncode == 0 else ""
 
     commit = git("rev-parse", "HEAD") or "unknown"
     dirty = git("status", "--porcelain", "--untracked-files=no")
-    return commit + ("-dirty" if dirty else ""), git("config", "--get", "remote.origin.url") or f"file://{project_dir}"
+    committed = git("log", "-1", "--format=%cd", "--date=format-local:%Y-%m-%dT%H:%M:%SZ") or "unknown"
+    return (commit + ("-dirty" if dirty else ""), git("config", "--get", "remote.origin.url") or f"file://{project_dir}",
+            committed)

@@ -28,10 +28,14 @@ from flows.registry import RegistryClient
 STEP = re.compile(r"^Step (\d+/\d+) : (.*)$")
 
 
+STEP_TAIL = 5  # output lines of a failed step quoted in the error
+
+
 class BuildFailed(FlagReleaseError):
-    def __init__(self, step: str, error: str):
+    def __init__(self, step: str, error: str, output: list[str] | None = None):
         self.step = step
-        super().__init__(f"image build failed at {step}: {error.strip()}")
+        tail = "; its last output: " + " | ".join(output) if output else ""
+        super().__init__(f"image build failed at {step}: {error.strip()}{tail}")
 
 
 class PushFailed(FlagReleaseError):
@@ -129,18 +133,20 @@ def require_base_image(client: docker.DockerClient, chip: str, reference: str, c
 
 def build(client: docker.DockerClient, context: BuildContext, tag: str, log: Callable[[str], None],
           no_cache: bool = False) -> str:
-    """Stream the build log line by line; turn an error chunk into BuildFailed naming the step."""
-    step, image_id = "the start of the build", None
+    """Stream the build log line by line; turn an error chunk into BuildFailed naming the step and its last output."""
+    step, image_id, output = "the start of the build", None, []
     for chunk in client.api.build(path=str(context.path), tag=tag, labels=context.labels, rm=True, forcerm=True,
                                   decode=True, pull=False, nocache=no_cache):
         if "error" in chunk:
-            raise BuildFailed(step, chunk.get("errorDetail", {}).get("message") or chunk["error"])
+            raise BuildFailed(step, chunk.get("errorDetail", {}).get("message") or chunk["error"], output[-STEP_TAIL:])
         for line in chunk.get("stream", "").splitlines():
             if line.strip():
                 log(line.rstrip())
                 match = STEP.match(line.strip())
                 if match:
-                    step = f"step {match.group(1)} ({match.group(2)[:120]})"
+                    step, output = f"step {match.group(1)} ({match.group(2)[:120]})", []
+                elif not line.startswith(" ---> "):
+                    output.append(line.strip())
         image_id = chunk.get("aux", {}).get("ID", image_id)
     if image_id is None:
         raise BuildFailed(step, "the engine reported no image id")

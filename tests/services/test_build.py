@@ -142,3 +142,28 @@ def test_a_chip_whose_base_image_is_unreachable_stops_with_its_context(services:
     context = Path(message.rsplit("rendered build context is in ", 1)[1])
     assert (context / "Dockerfile").read_text().startswith("# FlagOS image for GPU chips")
     assert (context / "serve" / "vllm.yaml").exists()
+
+
+def test_a_version_the_image_does_not_hold_stops_the_build(services: Settings, project_copy: Path):
+    profile = project_copy / "images" / "cpu" / "chip.yaml"
+    profile.write_text(profile.read_text().replace("transformers: 5.22.2", "transformers: 9.9.9"))
+    with pytest.raises(BuildFailed) as caught:
+        release(services, "smollm2-cpu", project_copy)
+    assert "engine.claims" in caught.value.step
+    assert "transformers 9.9.9 claimed, 5.22.2 found" in str(caught.value)
+
+
+def test_the_same_release_built_from_another_state_folder_is_the_same_image(services: Settings,
+                                                                            tmp_path_factory: pytest.TempPathFactory,
+                                                                            monkeypatch: pytest.MonkeyPatch):
+    """Nothing of the host or the state folder is baked in: another state folder (its own registry, its own kernel
+    check) on another thread count builds the image with the same content (config digest) as the first."""
+    import json
+
+    _, first, registry, _, _ = release(services, "smollm2-cpu")
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    with running_services(tmp_path_factory.mktemp("build-again") / "state", ("registry",)) as other:
+        _, second, other_registry, _, _ = release(other, "smollm2-cpu")
+        assert second.pushed and second.version == first.version
+        config = json.loads(other_registry.manifest(second.digest)[0])["config"]["digest"]
+    assert config == json.loads(registry.manifest(first.digest)[0])["config"]["digest"]

@@ -4,6 +4,7 @@ labels, wheels with hashes, and StrictUndefined rendering."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -126,3 +127,15 @@ def test_context_has_hashed_wheels_kernels_manifest_and_labels(tmp_path: Path):
     assert labels["org.opencontainers.image.licenses"] == "apache-2.0"
     assert labels["flagrelease.build.flag"] == "x" and labels["flagrelease.tool.triton"] == "3.7.1"
     assert labels["flagrelease.kernels-manifest"].startswith(f"{FLAGOS_HOME}/kernels-manifest.json@sha256:")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", labels["org.opencontainers.image.created"])
+    again = assemble_context(plan, kernels(), "base:1", [wheel], tmp_path / "ctx2", PROJECT_DIR, {"flag": "x"})
+    assert again.labels == labels  # the commit's time, not the build's: the same inputs label the same image
+    assert json.loads((context.path / "flagos" / "claims.json").read_text()) == plan.chip.versions
+
+
+def test_a_version_claim_the_environment_does_not_hold_is_named():
+    from engine.claims import unmet
+
+    assert unmet({"pydantic": "2.14.4", "torch": "2.13.0"}) == []  # a local build label (+cpu) holds its release
+    assert unmet({"pydantic": "2.14.5", "flaggems": "5.0.2"}) == ["flaggems 5.0.2 claimed, not installed found",
+                                                                 "pydantic 2.14.5 claimed, 2.14.4 found"]

@@ -106,3 +106,16 @@ def test_lock_refuses_an_unknown_model_and_an_existing_lock(state: dict[str, str
     kept = flagrelease("lock", "smollm2-135m-instruct", env=state)
     assert kept.returncode == 2 and "locks/smollm2-135m-instruct.json already exists; pass --replace" in kept.stderr
     assert "Traceback" not in unknown.stderr + kept.stderr
+
+
+def test_a_matrix_elsewhere_reads_the_chip_profiles_beside_it(tmp_path: Path, state: dict[str, str]):
+    import shutil
+
+    shutil.copy(PROJECT_DIR / "releases.yaml", tmp_path / "releases.yaml")
+    shutil.copytree(PROJECT_DIR / "images", tmp_path / "images")
+    profile = tmp_path / "images" / "iluvatar" / "chip.yaml"
+    profile.write_text(profile.read_text().replace('["corex:ivcore20"]', '["corex:ivcore99"]'))
+    result = flagrelease("--matrix", str(tmp_path / "releases.yaml"), "validate", env=state)
+    assert result.returncode == 2, result.stdout
+    assert str(profile) in result.stderr and "unknown AOT target(s) ['corex:ivcore99']" in result.stderr
+    assert flagrelease("validate", env=state).returncode == 0  # this checkout's own profiles are untouched
