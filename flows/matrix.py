@@ -363,6 +363,14 @@ def _unwrap(annotation: Any) -> Any:
             return annotation
 
 
+def reference_waves(spec: MatrixSpec, names: list[str]) -> list[list[str]]:
+    """`names` in the order a rebuild runs them: a release whose reference is also run waits for it (it pairs with
+    the native results the reference publishes). References compare with native, so two waves suffice."""
+    first = [name for name in names if spec.releases[name].reference not in names]
+    rest = [name for name in names if name not in first]
+    return [first, rest] if rest else [first]
+
+
 def _cross_reference_problems(spec: MatrixSpec) -> list[tuple[tuple[Any, ...], str]]:
     problems: list[tuple[tuple[Any, ...], str]] = []
     seen: set[str] = set()
@@ -386,6 +394,9 @@ def _cross_reference_problems(spec: MatrixSpec) -> list[tuple[tuple[Any, ...], s
                 problems.append((where + ("reference",), f"{rel.reference!r} is not another release (allowed: {allowed})"))
             elif other.model != rel.model:
                 problems.append((where + ("reference",), f"release {rel.reference!r} serves model {other.model!r}, not {rel.model!r} (allowed: {allowed})"))
+            elif other.reference != NATIVE_REFERENCE:
+                problems.append((where + ("reference",), f"release {rel.reference!r} compares with stored results itself; "
+                                 "a reference release must run its own native stack (reference: native)"))
     repositories: dict[str, str] = {}
     for name, rel in spec.releases.items():
         if rel.repository in repositories:

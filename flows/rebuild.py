@@ -9,7 +9,7 @@ from prefect.deployments import run_deployment
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.errors import UnknownRelease
-from flows.matrix import load_matrix
+from flows.matrix import load_matrix, reference_waves
 from flows.settings import Settings
 
 RELEASE_FLOW = "release"
@@ -32,18 +32,20 @@ def run_release_deployment(release_name: str, timeout_s: int) -> dict[str, str]:
 
 @flow(name="rebuild", task_runner=ThreadPoolTaskRunner(max_workers=4))
 def rebuild(releases: list[str] | None = None, timeout_s: int = 6 * 3600) -> list[dict[str, str]]:
-    """Run every release of the matrix (or the given subset); fail if any of them failed."""
+    """Run every release of the matrix (or the given subset), references before the releases that pair with them;
+    fail if any of them failed."""
     settings = Settings()
     matrix = load_matrix(settings.matrix, settings.images_dir)
     names = releases or list(matrix.spec.releases)
     unknown = [n for n in names if n not in matrix.spec.releases]
     if unknown:
         raise UnknownRelease(unknown[0], list(matrix.spec.releases))
-    futures = run_release_deployment.map(names, unmapped(timeout_s))
     rows = []
-    for name, future in zip(names, futures):
-        result = future.result(raise_on_failure=False)
-        rows.append(result if isinstance(result, dict) else {"release": name, "flow_run": "", "state": f"Failed: {result}"})
+    for wave in reference_waves(matrix.spec, names):  # a dependent release after the reference it pairs with
+        futures = run_release_deployment.map(wave, unmapped(timeout_s))
+        for name, future in zip(wave, futures):
+            result = future.result(raise_on_failure=False)
+            rows.append(result if isinstance(result, dict) else {"release": name, "flow_run": "", "state": f"Failed: {result}"})
     create_table_artifact(key="rebuild", table=rows, description="Nightly rebuild: one row per release")
     failed = [r["release"] for r in rows if r["state"] != "Completed"]
     if failed:

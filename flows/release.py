@@ -9,17 +9,19 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows.build.image import ImageRef, build_release_image, ensure_local_image, existing_image
-from flows.connections import docker_client, registry_for
+from flows.connections import docker_client, registry_auth, registry_for
 from flows.errors import FlagReleaseError
 from flows.evaluate.stage import (Endpoint, Evaluation, EvaluationFailed, EvaluationReport, evaluate, image_sources,
                                   write_report)
 from flows.evaluate.store import ResultStore
 from flows.files import write_model
 from flows.kernel_artifacts import KernelArtifacts, check_and_compile, consistency_report, recorded_operators
-from flows.matrix import load_matrix
+from flows.matrix import NATIVE_REFERENCE, load_matrix
 from flows.plan import Plan, resolve, write_plan
 from flows.publish.release import ReleaseRecord
+from flows.publish.results import import_published, native_results
 from flows.publish.stage import publish
+from flows.registry import RegistryClient, Repository
 from flows.reports import evaluation_markdown, evaluation_table, plan_markdown
 from flows.settings import Settings
 from flows.weights.manifest import WeightsManifest, prepare_weights
@@ -122,8 +124,11 @@ def evaluate_stage(plan: Plan, image: ImageRef, weights: WeightsManifest, settin
     if needs_engine:
         client = docker_client(settings)
         ensure_local_image(client, image, registry_for(plan)[1], logger.info)
+    store = ResultStore(settings.state_dir / "evaluations")
+    if reference is None:  # another release's native results: those it published travel with its image
+        fetch_reference_results(plan, store, settings, logger)
     evaluation = Evaluation(plan=plan, benchmarks_file=settings.project_dir / "benchmarks.yaml",
-                            store=ResultStore(settings.state_dir / "evaluations"), candidate=candidate,
+                            store=store, candidate=candidate,
                             reference=reference, operators=recorded_operators(outputs),
                             concurrency=settings.eval_concurrency, bisect_timeout_s=settings.bisect_timeout_s)
     report = evaluate(evaluation, client, logger.info, settings.serve_timeout_s)
@@ -138,15 +143,31 @@ def evaluate_stage(plan: Plan, image: ImageRef, weights: WeightsManifest, settin
     return report
 
 
+def fetch_reference_results(plan: Plan, store: ResultStore, settings: Settings, logger) -> None:
+    """Add the reference release's published native results to this host's store (it may run on another host)."""
+    matrix = load_matrix(settings.matrix, settings.images_dir)
+    repository = Repository.parse(settings.repository_for(matrix.release(plan.reference).repository))
+    auth = registry_auth()
+    registry = RegistryClient(repository, (auth["username"], auth["password"]) if auth else None)
+    try:
+        import_published(registry, store, plan.reference, plan.model_name, logger.info)
+    except FlagReleaseError as exc:  # the stored results (if any) still serve; the store names what is missing
+        logger.warning("native results of %s not fetched from %s: %s", plan.reference, repository, exc)
+
+
 @task(name="publish", cache_policy=NO_CACHE)
 def publish_stage(plan: Plan, image: ImageRef, weights: WeightsManifest, evaluation: EvaluationReport,
                   settings: Settings) -> ReleaseRecord:
     """Attach the card, report and kernels manifest to the image digest, push hub cards, move `latest` last."""
     logger = get_run_logger()
     outputs = settings.release_dir(plan.release, plan.fingerprint)
+    native = None
+    if plan.reference == NATIVE_REFERENCE:
+        native = native_results(ResultStore(settings.state_dir / "evaluations"), plan.release, plan.model_name,
+                                plan.suite_name, plan.suite.version, evaluation.revision)
     record, hubs, card_path, changed = publish(
         plan, load_matrix(settings.matrix, settings.images_dir), image, weights, evaluation, registry_for(plan)[0],
-        outputs, settings.project_dir, settings.hub_org, logger.info)
+        outputs, settings.project_dir, settings.hub_org, logger.info, native)
     for hub in hubs:
         (logger.info if hub.published else logger.warning)("%s %s: %s", hub.hub, hub.repo, hub.detail)
     create_markdown_artifact(key=f"card-{plan.release}", markdown=card_path.read_text(),

@@ -63,6 +63,7 @@ def prefect_env(settings: Settings) -> dict[str, str]:
         "DO_NOT_TRACK": "1",
         "PREFECT_RUNNER_POLL_FREQUENCY": "2",
         "PREFECT_WORKER_QUERY_SECONDS": "2",
+        **({"PREFECT_API_DATABASE_CONNECTION_URL": settings.prefect_database_url} if settings.prefect_database_url else {}),
     }
 
 

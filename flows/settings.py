@@ -24,6 +24,8 @@ class Settings(BaseSettings):
     pypi_index: str = "https://pypi.org/simple"
     prefect_host: str = "127.0.0.1"
     prefect_port: int = Field(default=4200, ge=1, le=65535)
+    prefect_database_url: str | None = Field(default=None, description="the Prefect server's database (production: "
+                                             "postgresql+asyncpg://user@host:port/db; default: SQLite in PREFECT_HOME)")
     registry_host: str = "127.0.0.1"
     registry_port: int = Field(default=5000, ge=1, le=65535)
     registry_token_realm: str | None = Field(default=None, description="run the local registry behind a token "

@@ -117,6 +117,15 @@ class ResultStore:
             f"{key.benchmark}: the stored native results of {key.model} from {release!r} were made under another key, "
             f"so they cannot be paired: " + "; ".join(differences) + f". Re-run `flagrelease run {release}`")
 
+    def complete_sets(self, model: str) -> list[tuple[StoredResults, list[ItemResult]]]:
+        """Every completely recorded result set of a model, with its record."""
+        sets = []
+        for record_path in sorted((self.root / model).glob("*/*.json")):
+            results = self._complete(record_path.with_suffix(""))
+            if results is not None:
+                sets.append((self._record(record_path.with_suffix("")), results))
+        return sets
+
     def save_perf(self, stack: Stack, points: list[PerfPoint]) -> Path:
         return write_atomic(self.root / "perf" / f"{stack.digest}.json",
                             json.dumps([p.model_dump() for p in points], indent=2) + "\n")

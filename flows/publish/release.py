@@ -47,6 +47,7 @@ ARTIFACT_TYPES = {
     "evaluation": ("application/vnd.flagrelease.evaluation.v1+json", "evaluation.json", "application/json"),
     "kernels": ("application/vnd.flagrelease.kernels.v1+json", "kernels.json", "application/json"),
     "record": ("application/vnd.flagrelease.record.v1+json", "release.json", "application/json"),
+    "results": ("application/vnd.flagrelease.results.v1+json", "results.json", "application/json"),
 }
 
 

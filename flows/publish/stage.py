@@ -17,15 +17,18 @@ from flows.publish.card import card_data, card_title, changelog, render_card
 from flows.publish.hubs import publish_cards
 from flows.publish.release import (HubResult, PublishRefused, ReleaseRecord, attachment, previous_record,
                                    publish_release)
+from flows.publish.results import PublishedResults, results_attachment
 from flows.registry import RegistryClient
 from flows.weights.manifest import WeightsManifest
 
 
 def publish(plan: Plan, matrix: ReleaseMatrix, image: ImageRef, weights: WeightsManifest, report: EvaluationReport,
             registry: RegistryClient, release_dir: Path, project_dir: Path, hub_org: str,
-            log: Callable[[str], None]) -> tuple[ReleaseRecord, list[HubResult], Path, bool]:
-    """Publish a release whose evaluation passed; returns the record, the hub results, the card's path and whether
-    anything changed (False: this fingerprint was already published)."""
+            log: Callable[[str], None], native: PublishedResults | None = None
+            ) -> tuple[ReleaseRecord, list[HubResult], Path, bool]:
+    """Publish a release whose evaluation passed, with its native per-item results when it ran a native stack (for
+    releases that compare with it from another host); returns the record, the hub results, the card's path and
+    whether anything changed (False: this fingerprint was already published)."""
     if not report.passed:
         raise PublishRefused(f"{plan.release} did not pass its evaluation ({report.failure_reason()}); not publishing")
     if report.fingerprint != plan.fingerprint:
@@ -40,6 +43,9 @@ def publish(plan: Plan, matrix: ReleaseMatrix, image: ImageRef, weights: Weights
                        project_dir / "templates")
     card_path = write_atomic(release_dir / "README.md", card)
     attachments = [attachment("card", card.encode()), attachment("evaluation", report.model_dump_json(indent=2).encode())]
+    if native is not None and native.sets:
+        attachments.append(results_attachment(native))
+        log(f"attaching {len(native.sets)} native result sets ({sum(len(s.results) for s in native.sets):,} answers)")
     kernels = release_dir / "kernels.json"
     if kernels.exists():
         attachments.append(attachment("kernels", kernels.read_bytes()))

@@ -21,7 +21,7 @@ from flows.plan import resolve
 from flows.publish.release import (ARTIFACT_TYPES, MOVING_TAG, PublishRefused, ReleaseRecord, attached_record,
                                    attachment, publish_release, referrers, referrers_tag)
 from flows.publish.stage import publish
-from flows.registry import RegistryClient, Repository
+from flows.registry import RegistryClient, RegistryError, Repository
 from flows.services import Services
 from flows.settings import Settings
 from flows.weights.manifest import FileRecord, WeightsManifest
@@ -157,3 +157,33 @@ def test_a_failed_gate_publishes_nothing(registry_settings: Settings, tmp_path: 
     card = card_path.read_text()
     assert f"{image.repository}@{image.digest}" in card and "| Docker version | 20.10.24+dfsg1 |" in card
     assert json.loads((tmp_path / "release.json").read_text())["image_digest"] == image.digest
+
+
+def test_native_results_travel_with_the_published_image_to_another_store(registry_settings: Settings, tmp_path: Path):
+    from flows.evaluate.client import ItemResult
+    from flows.evaluate.store import ResultKey, ResultStore, Stack
+    from flows.publish.results import import_published, native_results, results_attachment
+
+    key = ResultKey(model="m", revision="r", suite="cpu-smoke", suite_version=2, benchmarks_version=2,
+                    benchmark="arithmetic", generation={"max_tokens": 12}, prompts="p" * 64)
+    native = Stack(role="native", release="smollm2-cpu", served_by="image@sha256:1 {}")
+    answers = [ItemResult(id=f"q{i}", prompt_hash=f"h{i}", response=str(i), parsed=str(i), correct=i % 3 == 0,
+                          latency_s=0.1, completion_tokens=2, finish_reason="stop") for i in range(50)]
+    here = ResultStore(tmp_path / "host-a")
+    here.save(key, native, answers)
+    here.save(key, Stack(role="flagos", release="smollm2-cpu", served_by="image@sha256:1 {\"USE_FLAGGEMS\": \"1\"}"), answers)
+    bundle = native_results(here, "smollm2-cpu", "m", "cpu-smoke", 2, "r")
+    assert [s.record.stack.role for s in bundle.sets] == ["native"]  # only the native stack's answers travel
+
+    registry = client(registry_settings, "results")
+    log: list[str] = []
+    there = ResultStore(tmp_path / "host-b")
+    assert import_published(registry, there, "smollm2-cpu", "m", log.append) == 0 and "not been published" in log[-1]
+    image = push_image(registry, b"results layer")
+    publish_release(registry, image, lambda: record_for(image), [results_attachment(bundle)], list, log.append)
+    assert import_published(registry, there, "smollm2-cpu", "m", log.append) == 1
+    stack, results, _ = there.reference(key, "smollm2-cpu")
+    assert stack == native and results == answers
+    assert import_published(registry, there, "smollm2-cpu", "m", log.append) == 0  # already here: nothing new
+    with pytest.raises(RegistryError, match="carries the results of smollm2-cpu/m, not qwen3-nvidia/m"):
+        import_published(registry, there, "qwen3-nvidia", "m", log.append)

@@ -80,6 +80,8 @@ BAD_MATRICES = {
     "unknown suite": (setter(("releases", "smollm2-cpu", "suite"), "tiny"), "releases.smollm2-cpu.suite: unknown suite 'tiny' (allowed: cpu-smoke, flagrelease-five)"),
     "reference to itself": (setter(("releases", "smollm2-cpu", "reference"), "smollm2-cpu"), "releases.smollm2-cpu.reference: 'smollm2-cpu' is not another release (allowed: native)"),
     "reference with another model": (setter(("releases", "smollm2-cpu", "reference"), "qwen3-nvidia"), "serves model 'qwen3-30b-a3b', not 'smollm2-135m-instruct'"),
+    "reference of a reference": (setter(("releases", "qwen3-nvidia", "reference"), "qwen3-iluvatar"),
+                                 "releases.qwen3-iluvatar.reference: release 'qwen3-nvidia' compares with stored results itself"),
     "bad cron": (setter(("releases", "smollm2-cpu", "schedule", "cron"), "0 25 * * *"), "releases.smollm2-cpu.schedule.cron: '0 25 * * *' is not a 5-field cron expression"),
     "hashed cron": (setter(("releases", "smollm2-cpu", "schedule", "cron"), "H 3 * * *"), "releases.smollm2-cpu.schedule.cron: 'H 3 * * *' is not a 5-field cron expression"),
     "bad time zone": (setter(("rebuild", "schedule", "timezone"), "Mars/Olympus"), "rebuild.schedule.timezone: 'Mars/Olympus' is not an IANA time zone"),
@@ -236,3 +238,12 @@ def test_thinking_enabled_needs_an_output_budget():
     with pytest.raises(ValueError, match="thinking: enabled needs thinking_max_tokens"):
         Suite(version=1, thinking="enabled", benchmarks={"mmlu": {"margin_pp": 1.5}})
     assert Suite(version=1, thinking="disabled", benchmarks={"mmlu": {"margin_pp": 1.5}}).thinking == "disabled"
+
+
+def test_a_rebuild_runs_each_reference_before_the_releases_that_pair_with_it():
+    from flows.matrix import load_matrix, reference_waves
+
+    spec = load_matrix(PROJECT_DIR / "releases.yaml").spec
+    assert reference_waves(spec, ["qwen3-iluvatar", "qwen3-nvidia", "smollm2-cpu"]) == [
+        ["qwen3-nvidia", "smollm2-cpu"], ["qwen3-iluvatar"]]
+    assert reference_waves(spec, ["qwen3-iluvatar"]) == [["qwen3-iluvatar"]]  # its reference is not in this run

@@ -1,0 +1,81 @@
+"""A release's native per-item results travel with its image, so a release on another host can pair with them.
+
+`qwen3-iluvatar` is compared with `qwen3-nvidia`'s native stack, which runs on an NVIDIA host. The reference release
+attaches its native result sets (records and answers, for its suite, model revision and benchmarks) to its image
+as one OCI artifact before `latest` moves; the dependent release, before it evaluates, reads the artifact of the
+reference's `latest` image from the registry and adds the sets to its own store. Only a published reference is
+used this way: it passed its own gate. Every set keeps its `ResultKey`, so pairing refuses anything not asked
+exactly as the dependent asks.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from flows.evaluate.client import ItemResult
+from flows.evaluate.store import ResultStore, StoredResults
+from flows.publish.release import ARTIFACT_TYPES, MOVING_TAG, Attachment, attachment, referrers
+from flows.registry import RegistryClient, RegistryError
+
+
+class ResultSet(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    record: StoredResults
+    results: list[ItemResult]
+
+
+class PublishedResults(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    release: str
+    model: str
+    sets: list[ResultSet]
+
+
+def native_results(store: ResultStore, release: str, model: str, suite: str, suite_version: int,
+                   revision: str) -> PublishedResults:
+    """The native sets this release recorded for its current suite and model revision."""
+    sets = [ResultSet(record=record, results=results) for record, results in store.complete_sets(model)
+            if record.stack.role == "native" and record.stack.release == release and record.key.suite == suite
+            and record.key.suite_version == suite_version and record.key.revision == revision]
+    return PublishedResults(release=release, model=model, sets=sets)
+
+
+def results_attachment(published: PublishedResults) -> Attachment:
+    return attachment("results", published.model_dump_json().encode())
+
+
+def import_published(registry: RegistryClient, store: ResultStore, release: str, model: str,
+                     log: Callable[[str], None]) -> int:
+    """Add the native sets attached to `release`'s published image to `store`; returns how many were new."""
+    digest = registry.manifest_digest(MOVING_TAG)
+    if digest is None:
+        log(f"{release} has not been published to {registry.repository} yet: no native results to fetch")
+        return 0
+    descriptors = [d for d in referrers(registry, digest) if d.get("artifactType") == ARTIFACT_TYPES["results"][0]]
+    if not descriptors:
+        log(f"{registry.repository}@{digest[:19]} ({release}) carries no native results artifact")
+        return 0
+    body, _, _ = registry.manifest(descriptors[0]["digest"])
+    blob = registry.blob(json.loads(body)["layers"][0]["digest"])
+    try:
+        published = PublishedResults.model_validate_json(blob)
+    except ValidationError as exc:
+        raise RegistryError(f"the native results attached to {registry.repository}@{digest} are not readable: "
+                            f"{exc.errors()[0]['msg']}") from None
+    if (published.release, published.model) != (release, model):
+        raise RegistryError(f"{registry.repository}@{digest} carries the results of {published.release}/"
+                            f"{published.model}, not {release}/{model}")
+    new = 0
+    for result_set in published.sets:
+        record = result_set.record
+        if store.load(record.key, record.stack) is None:
+            store.save(record.key, record.stack, result_set.results, record.operators)
+            new += 1
+    log(f"native results of {release} from {registry.repository}@{digest[:19]}: {len(published.sets)} sets, "
+        f"{new} new here")
+    return new
