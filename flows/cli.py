@@ -91,6 +91,8 @@ def _parser() -> argparse.ArgumentParser:
     cmd.set_defaults(handler=_serve)
 
     cmd = commands.add_parser("deploy", help="production style: create one work pool per chip and apply prefect.yaml")
+    cmd.add_argument("--pool", help="register only this work pool's deployments, from this checkout (a chip host "
+                                    "whose checkout is at its own path)")
     cmd.set_defaults(handler=_deploy)
 
     cmd = commands.add_parser("deployments", help="prefect.yaml generated from the matrix")
@@ -250,7 +252,7 @@ def _deploy(args: argparse.Namespace, settings: Settings) -> int:
     matrix = _matrix(settings)
     _check_prefect_yaml(settings)
     try:
-        apply_prefect_yaml(matrix, str(settings.project_dir), dict(os.environ))
+        apply_prefect_yaml(matrix, str(settings.project_dir), dict(os.environ), args.pool)
     except subprocess.CalledProcessError as exc:
         raise FlagReleaseError(f"`{' '.join(exc.cmd)}` failed:\n{(exc.stderr or exc.stdout or '').strip()[-2000:]}") from None
     console.print(f"work pools: {', '.join(work_pools(matrix))}\nstart a worker on each chip host with: "

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import yaml
 
+from flows.errors import BadInput
 from flows.matrix import ReleaseMatrix, Schedule
 
 RELEASE_ENTRYPOINT = "flows/release.py:release"
@@ -103,8 +104,10 @@ def render_prefect_yaml(matrix: ReleaseMatrix, prefect_version: str) -> str:
     return header + yaml.safe_dump(document, sort_keys=False, width=120)
 
 
-def apply_prefect_yaml(matrix: ReleaseMatrix, project_dir: str, env: dict[str, str]) -> None:
-    """Create the missing work pools and register every deployment of prefect.yaml with the server."""
+def apply_prefect_yaml(matrix: ReleaseMatrix, project_dir: str, env: dict[str, str], pool: str | None = None) -> None:
+    """Create the missing work pools and register the deployments of prefect.yaml with the server: all of them, or
+    those of one pool (a chip host whose checkout lives at its own path registers its pool's deployments itself, so
+    the runs execute from that checkout)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.exceptions import ObjectNotFound
@@ -117,5 +120,12 @@ def apply_prefect_yaml(matrix: ReleaseMatrix, project_dir: str, env: dict[str, s
                 client.read_work_pool(pool)
             except ObjectNotFound:
                 client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
-    subprocess.run([venv_tool("prefect"), "--no-prompt", "deploy", "--all"], cwd=project_dir, env=env, check=True,
+    if pool is None:
+        chosen = ["--all"]
+    else:
+        names = [spec.name for spec in deployment_specs(matrix) if spec.work_pool == pool]
+        if not names:
+            raise BadInput(f"no deployment runs on work pool {pool!r}; pools: {', '.join(work_pools(matrix))}")
+        chosen = [argument for name in names for argument in ("--name", name)]
+    subprocess.run([venv_tool("prefect"), "--no-prompt", "deploy", *chosen], cwd=project_dir, env=env, check=True,
                    capture_output=True, text=True)
