@@ -114,12 +114,6 @@ def apply_prefect_yaml(matrix: ReleaseMatrix, project_dir: str, env: dict[str, s
 
     from flows.services import venv_tool
 
-    with get_client(sync_client=True) as client:
-        for pool in work_pools(matrix):
-            try:
-                client.read_work_pool(pool)
-            except ObjectNotFound:
-                client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
     if pool is None:
         chosen = ["--all"]
     else:
@@ -127,5 +121,11 @@ def apply_prefect_yaml(matrix: ReleaseMatrix, project_dir: str, env: dict[str, s
         if not names:
             raise BadInput(f"no deployment runs on work pool {pool!r}; pools: {', '.join(work_pools(matrix))}")
         chosen = [argument for name in names for argument in ("--name", name)]
+    with get_client(sync_client=True) as client:
+        for name in work_pools(matrix):
+            try:
+                client.read_work_pool(name)
+            except ObjectNotFound:
+                client.create_work_pool(WorkPoolCreate(name=name, type="process"))
     subprocess.run([venv_tool("prefect"), "--no-prompt", "deploy", *chosen], cwd=project_dir, env=env, check=True,
                    capture_output=True, text=True)

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Install everything flagrelease needs on a fresh Debian 12 (bookworm) box, idempotently:
-# Debian packages (Docker Engine, CNCF distribution registry, htpasswd, debootstrap), the project venv in .venv
+# Debian packages (Docker Engine, CNCF distribution registry, htpasswd, debootstrap, PostgreSQL for the two-host
+# test), the project venv in .venv
 # with every Python dependency pinned in pyproject.toml, and with --with-browser headless Chromium for the UI check.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(docker.io docker-registry apache2-utils debootstrap curl ca-certificates)
+packages=(docker.io docker-registry apache2-utils debootstrap curl ca-certificates postgresql)
 if [[ "${1:-}" == "--with-browser" ]]; then
     packages+=(chromium)
 fi

@@ -154,7 +154,7 @@ def test_the_dependent_release_on_another_host_pairs_with_the_reference_from_the
     for settings, pool in ((a, "cpu"), (b, "cpu-b")):
         name = "smollm2-cpu" if pool == "cpu" else DEPENDENT
         deployment = requests.get(f"{server.prefect_api_url}/deployments/name/release/{name}", timeout=10).json()
-        assert deployment["work_pool_name"] == pool
+        assert deployment.get("work_pool_name") == pool, deployment
         assert str(settings.project_dir) in json.dumps(deployment["pull_steps"])  # runs from that host's checkout
 
     for release in ("smollm2-cpu", DEPENDENT):

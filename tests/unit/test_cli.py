@@ -119,3 +119,8 @@ def test_a_matrix_elsewhere_reads_the_chip_profiles_beside_it(tmp_path: Path, st
     assert result.returncode == 2, result.stdout
     assert str(profile) in result.stderr and "unknown AOT target(s) ['corex:ivcore99']" in result.stderr
     assert flagrelease("validate", env=state).returncode == 0  # this checkout's own profiles are untouched
+
+
+def test_deploy_of_an_unknown_pool_is_refused_before_prefect_is_touched(state: dict[str, str]):
+    result = flagrelease("deploy", "--pool", "gpu9", env=state)
+    assert result.returncode == 2 and "no deployment runs on work pool 'gpu9'; pools: control, cpu, iluvatar, nvidia" in result.stderr
