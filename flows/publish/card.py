@@ -13,7 +13,7 @@ from pathlib import Path
 import jinja2
 from pydantic import BaseModel, ConfigDict
 
-from flows.build.context import MODEL_MOUNT
+from flows.build.context import FLAGOS_HOME, MODEL_MOUNT, SERVE_CONFIGS, serve_name
 from flows.build.image import ImageRef
 from flows.errors import FlagReleaseError
 from flows.evaluate.gate import Verdict
@@ -201,6 +201,15 @@ def operators_ran(flagos: OperatorUse, native: OperatorUse | None) -> str:
     return sentence
 
 
+def serve_note(plan: Plan) -> str:
+    """What the container's command does, in the seed card's terms where FlagScale serves."""
+    if plan.chip.serve.engine == "vllm":
+        return (f"The container's command is FlagScale's serve step, `flagscale serve {serve_name(plan)} "
+                f"{FLAGOS_HOME}/serve/{SERVE_CONFIGS['vllm']}`, kept in the foreground for as long as the engine "
+                "serves (`docker logs` shows the engine's output); wait until it lists the model:")
+    return "The image starts the OpenAI-compatible server with the model when the container starts; wait until it lists the model:"
+
+
 def thinking_note(report: EvaluationReport) -> str:
     """How a thinking model was asked, as the suite chose and the report recorded it."""
     if report.thinking == "disabled":
@@ -280,8 +289,7 @@ def card_data(plan: Plan, image: ImageRef, image_config: dict, report: Evaluatio
         flaggems_version=tools.get("flaggems", f"FlagOS Triton kernels, {kernels_label.rsplit('@', 1)[-1][:19]}"),
         download_commands=commands, pull_command=f"docker pull {image.by_digest}",
         run_command=run_command(plan, image, weights_dir),
-        serve_note=("The image starts the OpenAI-compatible server with the model when the container starts; "
-                    "wait until it lists the model:"),
+        serve_note=serve_note(plan),
         ready_command=f"until curl -sf {base_url}/models; do sleep 2; done",
         client_snippet=client_snippet(base_url, plan.model.served_name), base_url=base_url,
         served_name=plan.model.served_name, context_window=2048 if plan.model.format == "gguf" else 32768,

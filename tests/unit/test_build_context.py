@@ -67,7 +67,9 @@ def test_gpu_images_compile_the_kernels_in_a_builder_stage_at_the_runtime_path()
         assert ("COPY", f"--from=kernels {FLAGOS_HOME}/ {FLAGOS_HOME}/") in steps
         env = " ".join(value for kind, value in steps if kind == "ENV")
         assert f"TRITON_CACHE_DIR={TRITON_CACHE}" in env and "USE_FLAGGEMS=1" in env
-        assert steps[-1] == ("CMD", f'["flagscale", "serve", "qwen3", "{FLAGOS_HOME}/serve/vllm.yaml"]')
+        # FlagScale's serve step, kept in the foreground (tests/unit/test_foreground.py)
+        assert steps[-1] == ("CMD", f'["python3", "-m", "engine.foreground", "qwen3", "{FLAGOS_HOME}/serve/vllm.yaml"]')
+        assert ("COPY", f"engine/claims.py engine/foreground.py {FLAGOS_HOME}/engine/") in steps
 
 
 def test_cpu_image_orders_layers_from_heavy_to_light():

@@ -91,6 +91,7 @@ def test_the_card_has_every_section_and_only_measured_values():
         assert f"\n{section}\n" in card
     assert "| Metrics | Qwen3-30B-A3B-Nvidia-native | Qwen3-30B-A3B-Iluvatar-FlagOS |" in card
     assert "thinking mode was disabled through its chat template (`enable_thinking: false`) on both stacks" in card
+    assert "FlagScale's serve step, `flagscale serve qwen3 /opt/flagos/serve/vllm.yaml`, kept in the foreground" in card
     rows = re.findall(r"^\| (LIVEBENCH|AIME|GPQA|MMLU|MUSR) \| (\d\.\d{3}) \| (\d\.\d{3}) \|", card, re.MULTILINE)
     assert [r[0] for r in rows] == ["LIVEBENCH", "AIME", "GPQA", "MMLU", "MUSR"]
     assert "| Docker version | 20.10.24+dfsg1 |" in card and "| FlagScale version | 0.8.0 |" in card
