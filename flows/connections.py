@@ -36,6 +36,11 @@ def docker_client(settings: Settings) -> docker.DockerClient:
     return client
 
 
-def registry_for(plan: Plan) -> tuple[RegistryClient, dict[str, str] | None]:
+def registry_client(repository: str) -> tuple[RegistryClient, dict[str, str] | None]:
+    """A client for `host/path` with this environment's credentials, and those credentials (for the engine)."""
     auth = registry_auth()
-    return RegistryClient(Repository.parse(plan.repository), (auth["username"], auth["password"]) if auth else None), auth
+    return RegistryClient(Repository.parse(repository), (auth["username"], auth["password"]) if auth else None), auth
+
+
+def registry_for(plan: Plan) -> tuple[RegistryClient, dict[str, str] | None]:
+    return registry_client(plan.repository)

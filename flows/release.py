@@ -9,7 +9,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows.build.image import ImageRef, build_release_image, ensure_local_image, existing_image
-from flows.connections import docker_client, registry_auth, registry_for
+from flows.connections import docker_client, registry_client, registry_for
 from flows.errors import FlagReleaseError
 from flows.evaluate.stage import (Endpoint, Evaluation, EvaluationFailed, EvaluationReport, evaluate, image_sources,
                                   write_report)
@@ -21,7 +21,6 @@ from flows.plan import Plan, resolve, write_plan
 from flows.publish.release import ReleaseRecord
 from flows.publish.results import import_published, native_results
 from flows.publish.stage import publish
-from flows.registry import RegistryClient, Repository
 from flows.reports import evaluation_markdown, evaluation_table, plan_markdown
 from flows.settings import Settings
 from flows.weights.manifest import WeightsManifest, prepare_weights
@@ -146,13 +145,11 @@ def evaluate_stage(plan: Plan, image: ImageRef, weights: WeightsManifest, settin
 def fetch_reference_results(plan: Plan, store: ResultStore, settings: Settings, logger) -> None:
     """Add the reference release's published native results to this host's store (it may run on another host)."""
     matrix = load_matrix(settings.matrix, settings.images_dir)
-    repository = Repository.parse(settings.repository_for(matrix.release(plan.reference).repository))
-    auth = registry_auth()
-    registry = RegistryClient(repository, (auth["username"], auth["password"]) if auth else None)
+    registry, _ = registry_client(settings.repository_for(matrix.release(plan.reference).repository))
     try:
         import_published(registry, store, plan.reference, plan.model_name, logger.info)
     except FlagReleaseError as exc:  # the stored results (if any) still serve; the store names what is missing
-        logger.warning("native results of %s not fetched from %s: %s", plan.reference, repository, exc)
+        logger.warning("native results of %s not fetched from %s: %s", plan.reference, registry.repository, exc)
 
 
 @task(name="publish", cache_policy=NO_CACHE)
