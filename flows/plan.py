@@ -1,8 +1,8 @@
 """The resolve stage: turn a release name into a typed Plan with every input pinned and one content fingerprint.
 
 The fingerprint is the sha256 of every input that changes the released artefact: the release, model and suite
-entries of the matrix (not the schedule), the pinned model revision, the chip profile folder, the artefact
-templates, the kernel sources, the pinned kernel toolchain and the chip's tool versions. Same inputs, same
+entries of the matrix (not the schedule), the pinned model revision, the chip profile folder, a registry base
+image's digest, the artefact templates, the kernel sources, the pinned kernel toolchain and the chip's tool versions. Same inputs, same
 fingerprint; later stages use it as the image label and the key of every cache.
 """
 
@@ -16,8 +16,10 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
+from flows.errors import FlagReleaseError
 from flows.files import sha256_file, tree_hashes, write_model
 from flows.matrix import ChipProfile, Model, ReleaseMatrix, Schedule, Suite
+from flows.registry import RegistryClient, Repository
 from flows.revisions import PinnedRevision, resolve_revision
 from flows.settings import Settings
 
@@ -59,7 +61,8 @@ def resolve(matrix: ReleaseMatrix, release_name: str, settings: Settings) -> Pla
     model = matrix.spec.models[release.model]
     revision = resolve_revision(model.source, offline=settings.offline, timeout_s=settings.hub_timeout_s,
                                 pypi_index=settings.pypi_index)
-    inputs = fingerprint_inputs(matrix, release_name, revision, settings.project_dir)
+    inputs = {**fingerprint_inputs(matrix, release_name, revision, settings.project_dir),
+              **base_image_input(matrix.chips[release.chip], settings)}
     return Plan(
         release=release_name,
         chip=matrix.chips[release.chip],
@@ -99,6 +102,32 @@ def fingerprint_inputs(matrix: ReleaseMatrix, release_name: str, revision: Pinne
     inputs.update({f"package/{name}": version for name, version in image_requirements(project_dir).items()})
     inputs.update({f"tool/{name}": version for name, version in sorted(chip.versions.items())})
     return inputs
+
+
+def base_image_input(chip: ChipProfile, settings: Settings) -> dict[str, str]:
+    """A registry base image by content: the digest its tag points to now, so a moved vendor tag is a new
+    fingerprint (the reference string alone is already in the chip profile). Offline, or when its registry does not
+    answer, it is recorded as unresolved, like an unpinned model revision. A base pinned by digest is its digest."""
+    if chip.base_image is None:
+        return {}
+    key, reference = f"base/{chip.name}", chip.base_image
+    if "@sha256:" in reference:
+        return {key: reference.rsplit("@", 1)[1]}
+    if settings.offline:
+        return {key: f"unresolved:{reference}"}
+    repository, tag = split_reference(reference)
+    try:
+        digest = RegistryClient(Repository.parse(repository), timeout_s=settings.hub_timeout_s).manifest_digest(tag)
+    except FlagReleaseError:
+        digest = None
+    return {key: digest or f"unresolved:{reference}"}
+
+
+def split_reference(reference: str) -> tuple[str, str]:
+    """`host[:port]/path:tag` -> (`host[:port]/path`, tag); no tag means `latest`."""
+    slash = reference.rfind("/")
+    repository, colon, tag = reference[slash + 1:].partition(":")
+    return reference[:slash + 1] + repository, tag if colon else "latest"
 
 
 def fingerprint(inputs: dict[str, str]) -> str:

@@ -187,3 +187,33 @@ def test_native_results_travel_with_the_published_image_to_another_store(registr
     assert import_published(registry, there, "smollm2-cpu", "m", log.append) == 0  # already here: nothing new
     with pytest.raises(RegistryError, match="carries the results of smollm2-cpu/m, not qwen3-nvidia/m"):
         import_published(registry, there, "qwen3-nvidia", "m", log.append)
+
+
+def test_a_moved_base_image_tag_is_a_new_fingerprint(registry_settings: Settings, project_copy: Path, tmp_path: Path):
+    """A registry base is an input by content: the digest its tag points to when the release is resolved."""
+    import yaml
+
+    registry = client(registry_settings, "vendor-base")
+    profile = project_copy / "images" / "cpu" / "chip.yaml"
+    chip = yaml.safe_load(profile.read_text())
+    del chip["base_debootstrap"]
+    chip["base_image"] = f"{registry.repository}:moving"
+    profile.write_text(yaml.safe_dump(chip))
+
+    def plan(offline: bool = False):
+        settings = Settings(project_dir=project_copy, matrix=project_copy / "releases.yaml", state_dir=tmp_path,
+                            images_dir=project_copy / "images", offline=offline, pypi_index="http://127.0.0.1:9/simple")
+        return resolve(load_matrix(settings.matrix, settings.images_dir), "smollm2-cpu", settings)
+
+    digests = []
+    for content in (b"base one", b"base two"):
+        pushed = push_image(registry, content)
+        body, media_type, _ = registry.manifest(pushed.digest)
+        registry.put_manifest("moving", body, media_type)  # the vendor moves its tag
+        digests.append(pushed.digest)
+    first = plan()
+    assert first.inputs["base/cpu"] == digests[1]
+    registry.put_manifest("moving", *registry.manifest(digests[0])[:2])
+    moved = plan()
+    assert moved.inputs["base/cpu"] == digests[0] and moved.fingerprint != first.fingerprint
+    assert plan(offline=True).inputs["base/cpu"] == f"unresolved:{registry.repository}:moving"
