@@ -228,6 +228,14 @@ class DebootstrapRecipe(Strict):
     mirror: Annotated[str, StringConstraints(pattern=r"^https?://\S+$")] = "http://deb.debian.org/debian"
 
 
+# Which base each engine can run on, and why (the engine's packages come from there).
+ENGINE_BASES = {
+    "transformers": ("base_debootstrap", "its wheelhouse (CPU torch, our engine's pins) is built for the Debian base "
+                                         "made here"),
+    "vllm": ("base_image", "vLLM, FlagScale and FlagGems come with the chip vendor's image; the build installs none"),
+}
+
+
 class ChipProfile(Strict):
     name: Name
     vendor: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9-]*$")]
@@ -247,6 +255,9 @@ class ChipProfile(Strict):
     def _one_base(self) -> "ChipProfile":
         if (self.base_image is None) == (self.base_debootstrap is None):
             raise ValueError("set exactly one of base_image (a registry reference) or base_debootstrap (a recipe)")
+        needed, why = ENGINE_BASES[self.serve.engine]
+        if getattr(self, needed) is None:
+            raise ValueError(f"serve.engine {self.serve.engine} needs {needed}: {why}")
         return self
 
     @field_validator("docker_run_flags")
