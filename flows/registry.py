@@ -79,6 +79,14 @@ class Challenge:
         return self.params.get("scope")
 
 
+def _scope_key(scope: str | None) -> tuple[str, frozenset[str]] | None:
+    """`repository:name:pull,push` as (resource, actions), so the actions' order does not matter."""
+    if scope is None:
+        return None
+    resource, _, actions = scope.rpartition(":")
+    return resource, frozenset(actions.split(","))
+
+
 @dataclass
 class _Token:
     value: str
@@ -176,8 +184,10 @@ class RegistryClient:
         return {}, self.auth if self._basic else None
 
     def _holds(self, scope: str | None) -> bool:
-        """A current token was already granted for this scope (so a second 401 is a refusal, not a missing token)."""
-        return self._token is not None and self._token.scope == scope and self.clock() < self._token.renew_at
+        """A current token was already granted for this scope (so a second 401 is a refusal, not a missing token).
+        Actions compare as a set: distribution names them in no fixed order (`pull,push` or `push,pull`)."""
+        return (self._token is not None and _scope_key(self._token.scope) == _scope_key(scope)
+                and self.clock() < self._token.renew_at)
 
     def _fetch_token(self, challenge: Challenge) -> _Token:
         realm = challenge.params["realm"]

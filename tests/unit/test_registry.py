@@ -80,3 +80,11 @@ def test_docker_engine_down_says_how_to_start_it(tmp_path):
 
     with pytest.raises(ServiceUnavailable, match="Docker Engine is not available: .*flagrelease services up docker"):
         docker_client(Settings(docker_host=f"unix://{tmp_path}/no-docker.sock", state_dir=tmp_path))
+
+
+def test_a_token_scope_is_the_same_whatever_order_the_registry_names_its_actions():
+    from flows.registry import _scope_key
+
+    assert _scope_key("repository:flagrelease/x:pull,push") == _scope_key("repository:flagrelease/x:push,pull")
+    assert _scope_key("repository:flagrelease/x:pull") != _scope_key("repository:flagrelease/x:pull,push")
+    assert _scope_key("repository:flagrelease/x:pull") != _scope_key("repository:flagrelease/y:pull")
