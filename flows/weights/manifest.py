@@ -118,29 +118,32 @@ def _remedy(model_name: str, folder: Path, wrong: dict[str, str], refetchable: l
 
 def _verify(model_name: str, model: Model, revision: PinnedRevision, folder: Path, expected: Expected, record: Path,
             reverify: bool, log: Callable[[str], None], progress: ProgressFactory | None) -> tuple[WeightsManifest, int]:
-    present = folder_files(folder)
-    paths = [folder / name for name in present]
+    paths = {name: folder / name for name in folder_files(folder)}
     previous = _read_manifest(record)
     if (previous is not None and not reverify and previous.expected_digest == expected.digest
-            and previous.folder == str(folder) and _unchanged(previous, paths, folder)):
+            and previous.folder == str(folder) and _unchanged(previous, paths)):
         log(f"{len(paths)} files unchanged since {previous.verified_at:%Y-%m-%d %H:%M} UTC: not re-hashed")
         return previous, 0
-    wrong = {name: "missing" for name in sorted(set(expected.files) - set(present))}
-    wrong.update({name: f"present but {expected.source} does not list it" for name in present if name not in expected.files})
-    wrong.update({name: f"{(folder / name).stat().st_size} bytes, expected {expected.files[name].size}"
-                  for name in present if name in expected.files and (folder / name).stat().st_size != expected.files[name].size})
-    digests, read = _sha256(folder, [p for p in paths if p.relative_to(folder).as_posix() not in wrong], reverify,
+    wrong = {name: "missing" for name in sorted(set(expected.files) - set(paths))}
+    for name, path in paths.items():
+        want, size = expected.files.get(name), path.stat().st_size
+        if want is None:
+            wrong[name] = f"present but {expected.source} does not list it"
+        elif size != want.size:
+            wrong[name] = f"{size} bytes, expected {want.size}"
+    digests, read = _sha256(folder, {name: path for name, path in paths.items() if name not in wrong}, reverify,
                             log, progress)
-    for path, digest in digests.items():
-        name, want = path.relative_to(folder).as_posix(), expected.files[path.relative_to(folder).as_posix()]
+    for name, digest in digests.items():
+        want = expected.files[name]
         if want.sha256 is not None and digest != want.sha256:
             wrong[name] = f"sha256 {digest[:16]}..., expected {want.sha256[:16]}..."
-        elif want.sha256 is None and (blob := git_blob_sha1(path)) != want.git_sha1:
+        elif want.sha256 is None and (blob := git_blob_sha1(paths[name])) != want.git_sha1:
             wrong[name] = f"git blob {blob[:16]}..., expected {want.git_sha1[:16]}..."
+    problems = _unparsable_json(paths)
     try:
-        structure, problems = verify_structure(folder, model), _unparsable_json(folder, present)
+        structure = verify_structure(folder, model)
     except WeightsInvalid as problem:
-        structure, problems = None, [*_unparsable_json(folder, present), problem]
+        structure, problems = None, [*problems, problem]
     if wrong:
         raise WeightsMismatch(wrong, problems)
     if problems:
@@ -150,31 +153,31 @@ def _verify(model_name: str, model: Model, revision: PinnedRevision, folder: Pat
         folder=str(folder), format=model.format, dtype=structure.dtype, total_params=structure.total_params,
         active_params=structure.active_params, verified_at=datetime.now(timezone.utc), expected_from=expected.source,
         expected_digest=expected.digest,
-        files=[FileRecord(path=name, size=path.stat().st_size, sha256=digests[path], mtime_ns=path.stat().st_mtime_ns)
-               for name, path in zip(present, paths)])
+        files=[FileRecord(path=name, size=path.stat().st_size, sha256=digests[name], mtime_ns=path.stat().st_mtime_ns)
+               for name, path in paths.items()])
     write_model(record, manifest)
     return manifest, read
 
 
-def _sha256(folder: Path, paths: list[Path], reverify: bool, log: Callable[[str], None],
-            progress: ProgressFactory | None) -> tuple[dict[Path, str], int]:
-    """sha256 of `paths`; hashes taken while downloading count when the file has not changed since (not on reverify)."""
+def _sha256(folder: Path, paths: dict[str, Path], reverify: bool, log: Callable[[str], None],
+            progress: ProgressFactory | None) -> tuple[dict[str, str], int]:
+    """sha256 by name; hashes taken while downloading count when the file has not changed since (not on reverify)."""
     known = {} if reverify else downloaded_digests(folder)
-    digests = {p: str(known[name]["sha256"]) for p in paths if (name := p.relative_to(folder).as_posix()) in known
-               and _same_file(p, known[name]["size"], known[name]["mtime_ns"])}
-    to_hash = [p for p in paths if p not in digests]
+    digests = {name: str(known[name]["sha256"]) for name, path in paths.items()
+               if name in known and _same_file(path, known[name]["size"], known[name]["mtime_ns"])}
+    to_hash = [path for name, path in paths.items() if name not in digests]
     total = sum(p.stat().st_size for p in to_hash)
     log(f"hashing {len(to_hash)} files, {total / 2**20:,.0f} MiB ({len(digests)} hashed while downloading)")
     hashed, read = sha256_files(to_hash, progress=progress(total) if progress else None)
-    return {**digests, **hashed}, read
+    return {**digests, **{path.relative_to(folder).as_posix(): digest for path, digest in hashed.items()}}, read
 
 
-def _unparsable_json(folder: Path, present: list[str]) -> list[WeightsInvalid]:
+def _unparsable_json(paths: dict[str, Path]) -> list[WeightsInvalid]:
     problems = []
-    for name in present:
+    for name, path in paths.items():
         if name.endswith(".json"):
             try:
-                json.loads((folder / name).read_bytes())
+                json.loads(path.read_bytes())
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 problems.append(WeightsInvalid(name, f"not valid JSON ({exc})"))
     return problems
@@ -187,11 +190,10 @@ def _read_manifest(path: Path) -> WeightsManifest | None:
         return None
 
 
-def _unchanged(manifest: WeightsManifest, paths: list[Path], folder: Path) -> bool:
+def _unchanged(manifest: WeightsManifest, paths: dict[str, Path]) -> bool:
     recorded = {f.path: f for f in manifest.files}
-    named = {p.relative_to(folder).as_posix(): p for p in paths}
-    return set(recorded) == set(named) and all(
-        _same_file(path, recorded[name].size, recorded[name].mtime_ns) for name, path in named.items())
+    return set(recorded) == set(paths) and all(
+        _same_file(path, recorded[name].size, recorded[name].mtime_ns) for name, path in paths.items())
 
 
 def _same_file(path: Path, size: object, mtime_ns: object) -> bool:
