@@ -29,6 +29,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import NameOID
 
+from tests.loopback import send_json, start
+
 SERVICE = "flagrelease-registry"
 ISSUER = "flagrelease-token-issuer-standin"
 
@@ -119,16 +121,10 @@ class TokenIssuer:
                 self._json(200, issuer.token(user, query.get("scope", [])))
 
             def _json(self, status: int, body: dict) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                send_json(self, status, body)
 
             def log_message(self, *args: object) -> None:
                 pass
 
-        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+        server = start(Handler)
         return server, f"http://127.0.0.1:{server.server_address[1]}/token"

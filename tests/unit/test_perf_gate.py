@@ -36,8 +36,8 @@ def test_an_endpoint_that_does_not_stream_is_reported_not_measured():
     """A stand-in for an OpenAI server that ignores `stream: true` and answers one JSON body (as some gateways
     do): the client sees no chunks, so there is nothing to count; that must not read as 0 tokens/s measured."""
     import http.server
-    import json
-    import threading
+
+    from tests.loopback import send_json, start
 
     class NonStreaming(http.server.BaseHTTPRequestHandler):
         def log_message(self, *args) -> None:
@@ -45,16 +45,10 @@ def test_an_endpoint_that_does_not_stream_is_reported_not_measured():
 
         def do_POST(self) -> None:
             self.rfile.read(int(self.headers["Content-Length"]))
-            body = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": "m", "choices": [
-                {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "Hello there"}}]}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            send_json(self, 200, {"id": "x", "object": "chat.completion", "created": 0, "model": "m", "choices": [
+                {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "Hello there"}}]})
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NonStreaming)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = start(NonStreaming)
     try:
         [point] = measure_serving(f"http://127.0.0.1:{server.server_address[1]}/v1", "m", (2,), requests_per_level=2)
     finally:

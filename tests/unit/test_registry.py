@@ -4,15 +4,15 @@ distribution API's documented HEAD-manifest shape; the real registry is exercise
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
 from flows.errors import ServiceUnavailable
 from flows.registry import RegistryClient, RegistryError, Repository
 from tests.conftest import free_port
+from tests.loopback import start
 
 DIGEST = "sha256:" + "ab" * 32
 
@@ -44,8 +44,7 @@ class FlakyRegistry(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def registry() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), FlakyRegistry)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = start(FlakyRegistry)
     yield f"127.0.0.1:{server.server_address[1]}"
     server.shutdown()
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
@@ -15,6 +14,7 @@ from flows.errors import BadInput
 from flows.matrix import ModelSource
 from flows.revisions import resolve_revision
 from tests.conftest import free_port
+from tests.loopback import start
 
 WHEEL_SHA = hashlib.sha256(b"a wheel").hexdigest()
 
@@ -46,9 +46,7 @@ class _SimpleIndex(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def index_url() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _SimpleIndex)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    server = start(_SimpleIndex)
     yield f"http://127.0.0.1:{server.server_address[1]}/simple"
     server.shutdown()
 

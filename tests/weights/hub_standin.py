@@ -15,12 +15,13 @@ huggingface_hub reads). `drop_after` makes the first GET of a file close the con
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+from tests.loopback import send_json, start
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -81,13 +82,7 @@ def serve(hub: HubRepo) -> tuple[ThreadingHTTPServer, str]:
         protocol_version = "HTTP/1.1"
 
         def _not_found(self, code: str) -> None:
-            body = json.dumps({"error": code}).encode()
-            self.send_response(404)
-            self.send_header("X-Error-Code", code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            send_json(self, 404, {"error": code}, {"X-Error-Code": code})
 
         def _file(self, head: bool) -> None:
             match = re.fullmatch(rf"/{re.escape(hub.repo)}/resolve/([^/]+)/(.+)", self.path.split("?")[0])
@@ -116,19 +111,12 @@ def serve(hub: HubRepo) -> tuple[ThreadingHTTPServer, str]:
             if info:
                 if info.group(1) not in (COMMIT, "main"):
                     return self._not_found("RevisionNotFound")
-                body = json.dumps({"id": hub.repo, "modelId": hub.repo, "sha": COMMIT, "private": False,
-                                   "siblings": [hub.sibling(p) for p in sorted(hub.folder.iterdir()) if p.is_file()]}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-                return
+                return send_json(self, 200, {"id": hub.repo, "modelId": hub.repo, "sha": COMMIT, "private": False,
+                                             "siblings": [hub.sibling(p) for p in sorted(hub.folder.iterdir()) if p.is_file()]})
             self._file(head=False)
 
         def log_message(self, *args: object) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = start(Handler)
     return server, f"http://127.0.0.1:{server.server_address[1]}"

@@ -11,12 +11,11 @@ An unknown repo or revision -> 404 with `{"Code": 10010205001, "Message": ...}`.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
-import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
+from tests.loopback import send_json, start
 from tests.weights.hub_standin import COMMIT, StandInRepo, send_body
 
 
@@ -29,12 +28,7 @@ def serve(hub: ModelScopeRepo) -> tuple[ThreadingHTTPServer, str]:
         protocol_version = "HTTP/1.1"
 
         def _json(self, status: int, body: dict) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            send_json(self, status, body)
 
         def do_GET(self) -> None:  # noqa: N802 (http.server API)
             url = urlparse(self.path)
@@ -63,6 +57,5 @@ def serve(hub: ModelScopeRepo) -> tuple[ThreadingHTTPServer, str]:
         def log_message(self, *args: object) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = start(Handler)
     return server, f"127.0.0.1:{server.server_address[1]}"
