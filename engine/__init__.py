@@ -1,4 +1,4 @@
-"""The FlagOS serving engine: transformers' OpenAI-compatible server (`transformers serve`, continuous batching)
-with the model's operators switched to our Triton kernels by `USE_FLAGGEMS=1`, and an operator report that
-proves which of our kernels ran (`GET /flagos/operators`). `USE_FLAGGEMS=0` is the native stack: the same
-engine, none of our operators. Run it with `python -m engine --config serve.json`."""
+"""The FlagOS engine: vLLM, started by `flagscale serve`, with our plugin (`plugin.py`), which puts our Triton
+kernels in place of vLLM's layers (`layers.py`) when `USE_FLAGGEMS=1`, counts every call (`operators.py`) and
+serves the operator report at `GET /flagos/operators` (`report.py`). `USE_FLAGGEMS=0` is the native stack: the
+same engine, none of our operators."""

@@ -1,54 +1,49 @@
-"""The checkpoint the engine serves: a transformers folder as mounted, or a GGUF file dequantised once into a
-transformers folder in the engine's cache (transformers serve cannot start from a GGUF config: it has no
-`architectures`). The conversion is keyed by the GGUF's sha256 and published by one rename, so a killed start
-leaves nothing that a later start would take for complete."""
+"""The checkpoint vLLM serves: a safetensors folder as mounted, or a GGUF file dequantised once into a safetensors
+folder in the engine's cache (vLLM on CPU cannot load GGUF: its GGUF path needs CUDA vLLM's kernels). The conversion
+is keyed by the GGUF's sha256, records that sha256 beside it (the operator report names the served weights by it)
+and is published by one rename, so a killed start leaves nothing that a later start would take for complete.
+
+    python3 -m engine.checkpoint <model dir> <cache dir> <link> [--gguf-file NAME]
+
+points `link` at what to serve (the FlagScale serve config's `before_start`, before vLLM reads `link`)."""
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from engine.operators import EngineError
-
-
-def architecture_of(model_dir: Path) -> tuple[str, dict]:
-    config = json.loads((model_dir / "config.json").read_text())
-    architectures = config.get("architectures") or []
-    if not architectures:
-        raise EngineError(f"{model_dir / 'config.json'} names no architectures; the engine cannot tell which "
-                          "operators to bind")
-    return architectures[0], config
+from engine.report import SOURCE_RECORD, checkpoint_sha256
 
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """The folder `transformers serve` loads and the sha256 that names what was served: of the GGUF, or of a
-    folder's config.json with every file's name and size (hashing tens of GB at each start would be too slow;
-    the weights stage hashed them)."""
+    """The folder vLLM loads and the sha256 that names what was served: of the GGUF, or of a folder's config.json
+    with every file's name and size (hashing tens of GB at each start would be too slow; the weights stage hashed
+    them)."""
 
     folder: Path
     sha256: str
 
 
 def servable(model_dir: Path, cache_dir: Path, log: Callable[[str], None], gguf_file: str | None = None) -> Checkpoint:
-    """A folder `transformers serve` can load: `model_dir` itself, or the cached conversion of its GGUF (the named
-    one, which is the file the weights stage verified, else the only one there)."""
+    """A folder vLLM can load: `model_dir` itself, or the cached conversion of its GGUF (the named one, which is
+    the file the weights stage verified, else the only one there)."""
     if gguf_file is not None:
         gguf = model_dir / gguf_file
         if not gguf.is_file():
             raise EngineError(f"{model_dir} has no {gguf_file} (the serve configuration's gguf_file)")
         return _converted(gguf, cache_dir, log)
     if (model_dir / "config.json").is_file():
-        digest = hashlib.sha256((model_dir / "config.json").read_bytes())
-        for path in sorted(p for p in model_dir.rglob("*") if p.is_file()):
-            digest.update(f"\n{path.relative_to(model_dir)} {path.stat().st_size}".encode())
-        return Checkpoint(model_dir, digest.hexdigest())
+        return Checkpoint(model_dir, checkpoint_sha256(model_dir))
     ggufs = sorted(model_dir.glob("*.gguf")) if model_dir.is_dir() else []
     if len(ggufs) != 1:
         found = ", ".join(p.name for p in ggufs) or "nothing servable"
@@ -71,7 +66,7 @@ def _converted(gguf: Path, cache_dir: Path, log: Callable[[str], None]) -> Check
     cache_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=cache_dir))
     try:
-        _convert(gguf, staging)
+        _convert(gguf, staging, checkpoint.sha256)
         os.rename(staging, dest)
     except OSError:
         if not (dest / "config.json").is_file():  # lost a race with another start: theirs is complete
@@ -81,7 +76,7 @@ def _converted(gguf: Path, cache_dir: Path, log: Callable[[str], None]) -> Check
     return checkpoint
 
 
-def _convert(gguf: Path, dest: Path) -> None:
+def _convert(gguf: Path, dest: Path, sha256: str) -> None:
     import torch
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -93,6 +88,40 @@ def _convert(gguf: Path, dest: Path) -> None:
                if not (tied and name == "lm_head.weight")}  # tied: the file holds the embedding once
     save_file(tensors, str(dest / "model.safetensors"), metadata={"format": "pt"})
     model.config.architectures = [type(model).__name__]
+    if hasattr(model.config, "quantization_config"):  # the saved tensors are dequantised: vLLM must not read GGUF
+        del model.config.quantization_config
     model.generation_config.save_pretrained(dest)
     tokenizer.save_pretrained(dest)
+    (dest / SOURCE_RECORD).write_text(json.dumps({"file": gguf.name, "sha256": sha256}) + "\n")
     model.config.save_pretrained(dest)  # config.json last: its presence marks a complete conversion
+
+
+def point_at(link: Path, folder: Path) -> None:
+    """Make `link` name `folder`, replaced in one rename (a start never sees it missing or half-made)."""
+    link.parent.mkdir(parents=True, exist_ok=True)
+    staging = link.with_name(f".{link.name}.{os.getpid()}")
+    staging.unlink(missing_ok=True)
+    staging.symlink_to(folder.resolve(), target_is_directory=True)
+    os.replace(staging, link)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python3 -m engine.checkpoint", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model_dir", type=Path)
+    parser.add_argument("cache_dir", type=Path)
+    parser.add_argument("link", type=Path)
+    parser.add_argument("--gguf-file", help="the GGUF in model_dir to serve (the file the weights stage verified)")
+    args = parser.parse_args(argv)
+    try:
+        checkpoint = servable(args.model_dir, args.cache_dir, lambda line: print(line, flush=True), args.gguf_file)
+        point_at(args.link, checkpoint.folder)
+    except (OSError, ValueError, EngineError) as exc:
+        print(f"flagos-engine: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"checkpoint: serving {checkpoint.folder} (sha256 {checkpoint.sha256}) as {args.link}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -11,7 +11,7 @@ import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-DISTRIBUTIONS = {"flaggems": "flag_gems"}  # tool name in chip.yaml -> its Python distribution, where they differ
+DISTRIBUTIONS = {"flaggems": "flag_gems", "flagscale": "flag-scale"}  # tool name in chip.yaml -> its Python distribution, where they differ
 
 
 def installed(tool: str) -> str:

@@ -4,7 +4,8 @@
 runs `nohup bash -c "$cmd" >> <exp_dir>/serve_logs/host_0_localhost.output & echo $! > <exp_dir>/serve_logs/pids/
 host_0_localhost.pid` (FlagScale's runner_serve.py). As the image's CMD the container would end at once and take the
 engine with it. This runs the serve step, then follows the engine's output on stdout and ends when the engine does
-(exit 1: a server that stops is a failure); SIGTERM (`docker stop`) is passed on to the engine.
+(exit 1: a server that stops is a failure); SIGTERM (`docker stop`) is passed on to the engine. The stack's
+switches are checked first, so a bad one ends the container with one line (exit 2) before FlagScale starts.
 
     python3 -m engine.foreground <serve name> <config.yaml>
 """
@@ -19,6 +20,8 @@ import time
 from pathlib import Path
 
 import yaml
+
+from engine.operators import EngineError, switches_from_env
 
 SERVE_LOGS = "serve_logs"
 PID_FILE = Path("pids") / "host_0_localhost.pid"
@@ -83,6 +86,11 @@ def main(argv: list[str]) -> int:
         print("usage: python3 -m engine.foreground <serve name> <config.yaml>", file=sys.stderr)
         return 2
     name, config = argv[0], Path(argv[1])
+    try:
+        switches_from_env(os.environ)
+    except EngineError as exc:
+        print(f"flagos-engine: error: {exc}", file=sys.stderr)
+        return 2
     started = subprocess.run(["flagscale", "serve", name, str(config)])
     if started.returncode != 0:
         return started.returncode

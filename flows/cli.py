@@ -66,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     cmd.add_argument("--json", action="store_true", help="print the plan as JSON")
     cmd.set_defaults(handler=_plan)
 
-    cmd = commands.add_parser("prepare", help="fill this machine's build caches: Debian base tarballs, engine wheels")
+    cmd = commands.add_parser("prepare", help="install the engine here and fill this machine's build caches: Debian bases, image wheels")
     cmd.set_defaults(handler=_prepare)
 
     cmd = commands.add_parser("weights", help="fetch and verify one release's weights here, with a progress bar")
@@ -148,8 +148,7 @@ def _plan(args: argparse.Namespace, settings: Settings) -> int:
 
 def _prepare(args: argparse.Namespace, settings: Settings) -> int:
     from flows.build.base import base_tarball
-    from flows.build.image import ENGINE_BUILDS
-    from flows.build.wheels import install_server_here
+    from flows.build.wheels import engine_environment
 
     def log(message: str) -> None:
         console.print(f"prepare: {message}", highlight=False)
@@ -157,10 +156,7 @@ def _prepare(args: argparse.Namespace, settings: Settings) -> int:
     for chip in _matrix(settings).chips.values():
         if chip.base_debootstrap is not None:
             log(f"{chip.name} base: {base_tarball(chip.base_debootstrap, log)}")
-        wheels = ENGINE_BUILDS[chip.serve.engine].wheels(settings.project_dir, log)
-        log(f"{chip.name} {chip.serve.engine} wheels: {len(wheels)} ready")
-    install_server_here(log)
-    log("llama.cpp's OpenAI server installed in this environment (the evaluate tests' quantised control stacks)")
+    log(f"engine environment (the cpu image's wheels): {engine_environment(settings.project_dir, log)}")
     return 0
 
 

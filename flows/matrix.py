@@ -179,16 +179,18 @@ class TritonSpec(Strict):
 
 
 class ServeSpec(Strict):
-    engine: Literal["vllm", "transformers"] = Field(description="vllm: FlagScale's vLLM on the vendor base image; "
-                                                    "transformers: the FlagOS engine in engine/")
+    """How every chip serves: `flagscale serve` -> vLLM with our plugin; these are the engine's settings."""
+
     port: int = Field(ge=1, le=65535)
     tensor_parallel_size: int = Field(default=1, ge=1)
-    device: Text = Field(default="auto", description="transformers engine: torch device (auto: cuda when present)")
-    dtype: Text = Field(default="auto", description="transformers engine: torch dtype of the served weights")
-    batch_tokens: int | None = Field(default=None, ge=64, description="transformers engine: tokens per continuous "
-                                     "batching step (its attention mask grows with the square of it)")
-    cache_memory_fraction: float | None = Field(default=None, gt=0, le=1, description="transformers engine: share "
-                                                "of free memory the paged KV cache may take")
+    dtype: Text = Field(default="auto", description="vLLM --dtype of the served weights")
+    max_model_len: int | None = Field(default=None, ge=64, description="vLLM --max-model-len (None: the model's)")
+    gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1, description="vLLM's share of accelerator "
+                                                 "memory (None: vLLM's default)")
+    enforce_eager: Literal[True] = Field(default=True, description="our operators are called, and counted, per "
+                                         "request only in eager mode: compiled graphs would trace them once")
+    engine_env: dict[Annotated[str, StringConstraints(pattern=r"^[A-Z_][A-Z0-9_]*$")], Text] = Field(default_factory=dict, description="environment of vLLM's processes on this "
+                                         "chip (FlagScale's `envs`), e.g. VLLM_CPU_KVCACHE_SPACE")
     flagos_env: dict[str, str] = Field(default_factory=lambda: {"USE_FLAGGEMS": "1"},
                                        description="environment of the FlagOS stack (our kernels on)")
     native_env: dict[str, str] = Field(default_factory=lambda: {"USE_FLAGGEMS": "0"},
@@ -228,14 +230,6 @@ class DebootstrapRecipe(Strict):
     mirror: Annotated[str, StringConstraints(pattern=r"^https?://\S+$")] = "http://deb.debian.org/debian"
 
 
-# Which base each engine can run on, and why (the engine's packages come from there).
-ENGINE_BASES = {
-    "transformers": ("base_debootstrap", "its wheelhouse (CPU torch, our engine's pins) is built for the Debian base "
-                                         "made here"),
-    "vllm": ("base_image", "vLLM, FlagScale and FlagGems come with the chip vendor's image; the build installs none"),
-}
-
-
 class ChipProfile(Strict):
     name: Name
     vendor: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9-]*$")]
@@ -255,9 +249,6 @@ class ChipProfile(Strict):
     def _one_base(self) -> "ChipProfile":
         if (self.base_image is None) == (self.base_debootstrap is None):
             raise ValueError("set exactly one of base_image (a registry reference) or base_debootstrap (a recipe)")
-        needed, why = ENGINE_BASES[self.serve.engine]
-        if getattr(self, needed) is None:
-            raise ValueError(f"serve.engine {self.serve.engine} needs {needed}: {why}")
         return self
 
     @field_validator("docker_run_flags")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tomllib
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -134,16 +135,46 @@ def fingerprint(inputs: dict[str, str]) -> str:
     return _digest(inputs)
 
 
-def image_requirements(project_dir: Path) -> dict[str, str]:
-    """The `==` pins of pyproject's image extras: the kernel toolchain and the serving engine in every image."""
+def _pyproject(project_dir: Path) -> dict:
     with (project_dir / "pyproject.toml").open("rb") as handle:
-        extras = tomllib.load(handle)["project"]["optional-dependencies"]
+        return tomllib.load(handle)
+
+
+def _pins(requirements: list[str]) -> dict[str, str]:
+    pins = {}
+    for requirement in requirements:
+        name, _, version = requirement.partition("==")
+        pins[name.strip().lower()] = version.strip()
+    return pins
+
+
+def image_requirements(project_dir: Path) -> dict[str, str]:
+    """The `==` pins of pyproject's image extras and of what installs beside them without its dependencies: the
+    kernel toolchain and the serving engine in every image built from our wheelhouse."""
+    project = _pyproject(project_dir)
+    extras = project["project"]["optional-dependencies"]
     pins = {}
     for extra in IMAGE_EXTRAS:
-        for requirement in extras[extra]:
-            name, _, version = requirement.partition("==")
-            pins[name.strip().lower()] = version.strip()
+        pins.update(_pins(extras[extra]))
+    rules = engine_install_rules(project_dir)
+    pins.update(_pins(rules.no_deps + rules.built_here))
     return dict(sorted(pins.items()))
+
+
+@dataclass(frozen=True)
+class EngineInstallRules:
+    """pyproject's [tool.flagrelease]: what installs without its dependencies, what is never installed, and what
+    the package index has only as source (built into wheels here)."""
+
+    no_deps: list[str]
+    excluded: list[str]
+    built_here: list[str]
+
+
+def engine_install_rules(project_dir: Path) -> EngineInstallRules:
+    rules = _pyproject(project_dir)["tool"]["flagrelease"]
+    return EngineInstallRules(list(rules["engine-no-deps"]), list(rules["engine-excluded"]),
+                              list(rules["engine-built-here"]))
 
 
 def write_plan(plan: Plan, release_dir: Path) -> Path:

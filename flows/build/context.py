@@ -13,19 +13,20 @@ from pathlib import Path
 
 import jinja2
 
-from engine.server import BUILD_RECORD
+from engine.report import BUILD_RECORD
 from flows.errors import FlagReleaseError
 from flows.files import sha256_file
 from flows.kernel_artifacts import KernelArtifacts
+from flows.matrix import ServeSpec
 from flows.plan import Plan
 
 FLAGOS_HOME = "/opt/flagos"
 TRITON_CACHE = f"{FLAGOS_HOME}/triton-cache"
 MODEL_MOUNT = "/models"  # weights are mounted read-only here at run time, never baked in
 CACHE_MOUNT = "/var/cache/flagos"  # the engine's writable cache (a GGUF's one-time conversion), a volume at run time
-IMAGE_SOURCES = {"kernels": ("*.py",), "engine": ("*.py", "*.yaml")}  # copied into the image, folder by folder
+SERVE_CONFIG = "vllm.yaml"  # FlagScale's serve configuration, rendered from templates/serve/vllm.yaml.j2
+IMAGE_SOURCES = {"kernels": ("*.py",), "engine": ("*.py",)}  # copied into the image, folder by folder
 CLAIMS = "claims.json"  # the chip profile's `versions`, checked inside the image by engine/claims.py
-SERVE_CONFIGS = {"transformers": "transformers.json", "vllm": "vllm.yaml"}
 BACKEND_ENV = {"interpreter": {"TRITON_INTERPRET": "1"}}  # image environment per Triton backend
 SERVE_NAMES = {"Qwen3MoeForCausalLM": "qwen3", "llama": "llama"}  # FlagScale's example name per architecture
 
@@ -54,19 +55,19 @@ def render(template_dir: Path, name: str, **values: object) -> str:
 
 
 def dockerfile_template(plan: Plan, project_dir: Path) -> tuple[Path, str]:
-    """A chip's own images/<chip>/Dockerfile.j2 if it has one, else the engine's templates/Dockerfile.<engine>.j2."""
+    """A chip's own images/<chip>/Dockerfile.j2 if it has one, else the one templates/Dockerfile.j2 of every chip."""
     own = project_dir / "images" / plan.chip.name / "Dockerfile.j2"
     if own.exists():
         return own.parent, own.name
-    return project_dir / "templates", f"Dockerfile.{plan.chip.serve.engine}.j2"
+    return project_dir / "templates", "Dockerfile.j2"
 
 
-def render_dockerfile(plan: Plan, base_image: str, project_dir: Path) -> str:
+def render_dockerfile(plan: Plan, base_image: str, project_dir: Path, wheels: bool) -> str:
     folder, name = dockerfile_template(plan, project_dir)
     return render(folder, name, base_image=base_image, chip=plan.chip.name, flagos_home=FLAGOS_HOME,
                   triton_cache=TRITON_CACHE, aot_targets=plan.chip.triton.aot_targets, serve_port=plan.chip.serve.port,
-                  serve_config=SERVE_CONFIGS[plan.chip.serve.engine], serve_name=serve_name(plan),
-                  image_env=BACKEND_ENV.get(plan.chip.triton.backend, {}))
+                  serve_config=SERVE_CONFIG, serve_name=serve_name(plan), wheels=wheels,
+                  image_env=BACKEND_ENV.get(plan.chip.triton.backend, {"TRITON_CACHE_DIR": TRITON_CACHE}))
 
 
 def gguf_file(plan: Plan) -> str | None:
@@ -79,15 +80,23 @@ def serve_name(plan: Plan) -> str:
     return SERVE_NAMES.get(plan.model.architecture, plan.model_name)
 
 
-def render_serve_config(plan: Plan, project_dir: Path) -> tuple[str, str]:
-    config = SERVE_CONFIGS[plan.chip.serve.engine]
-    serve = plan.chip.serve
-    text = render(project_dir / "templates" / "serve", f"{config}.j2", port=serve.port,
-                  served_name=plan.model.served_name, model_path=MODEL_MOUNT, model_mount=MODEL_MOUNT,
-                  cache_mount=CACHE_MOUNT, serve_name=serve_name(plan), tensor_parallel_size=serve.tensor_parallel_size,
-                  triton_cache=TRITON_CACHE, device=serve.device, dtype=serve.dtype, batch_tokens=serve.batch_tokens,
-                  cache_memory_fraction=serve.cache_memory_fraction, gguf_file=gguf_file(plan))
-    return config, text
+def serve_config_text(project_dir: Path, serve: ServeSpec, served_name: str, serve_name: str, gguf: str | None, *,
+                      host: str, port: int, model_mount: str, cache_dir: str, exp_dir: str) -> str:
+    """FlagScale's serve configuration; a GGUF is served from the link its conversion step points at the cache."""
+    model_path = f"{cache_dir}/serving/{served_name}" if gguf else model_mount
+    return render(project_dir / "templates" / "serve", f"{SERVE_CONFIG}.j2", served_name=served_name,
+                  serve_name=serve_name, exp_dir=exp_dir, engine_env=serve.engine_env, gguf_file=gguf,
+                  model_mount=model_mount, cache_dir=f"{cache_dir}/checkpoints", model_path=model_path, host=host,
+                  port=port, tensor_parallel_size=serve.tensor_parallel_size, dtype=serve.dtype,
+                  max_model_len=serve.max_model_len, gpu_memory_utilization=serve.gpu_memory_utilization,
+                  enforce_eager=serve.enforce_eager)
+
+
+def render_serve_config(plan: Plan, project_dir: Path) -> str:
+    """The image's serve configuration: weights at the mount, the engine's cache at its volume."""
+    return serve_config_text(project_dir, plan.chip.serve, plan.model.served_name, serve_name(plan), gguf_file(plan),
+                             host="0.0.0.0", port=plan.chip.serve.port, model_mount=MODEL_MOUNT, cache_dir=CACHE_MOUNT,
+                             exp_dir=f"outputs/{plan.model.served_name}")
 
 
 def build_record(plan: Plan) -> dict[str, str]:
@@ -96,7 +105,7 @@ def build_record(plan: Plan) -> dict[str, str]:
             "model_revision": plan.revision.fingerprint_value, "fingerprint": plan.fingerprint}
 
 
-def image_labels(plan: Plan, kernels_manifest_sha256: str, project_dir: Path, build_flags: dict[str, str]) -> dict[str, str]:
+def image_labels(plan: Plan, kernels_manifest_sha256: str, project_dir: Path) -> dict[str, str]:
     revision, source, committed = _git_identity(project_dir)
     labels = {
         "org.opencontainers.image.title": f"{plan.model.display_name}-{plan.chip.vendor}-FlagOS",
@@ -114,12 +123,11 @@ def image_labels(plan: Plan, kernels_manifest_sha256: str, project_dir: Path, bu
         "flagrelease.kernels-manifest": f"{FLAGOS_HOME}/kernels-manifest.json@sha256:{kernels_manifest_sha256}",
     }
     labels.update({f"flagrelease.tool.{name}": version for name, version in plan.chip.versions.items()})
-    labels.update({f"flagrelease.build.{name}": value for name, value in build_flags.items()})
     return labels
 
 
 def assemble_context(plan: Plan, kernels: KernelArtifacts, base_image: str, wheels: list[Path], dest: Path,
-                     project_dir: Path, build_flags: dict[str, str]) -> BuildContext:
+                     project_dir: Path) -> BuildContext:
     """Write the whole context into `dest` (emptied first) and return it with its labels."""
     shutil.rmtree(dest, ignore_errors=True)
     (dest / "wheels").mkdir(parents=True)
@@ -139,12 +147,11 @@ def assemble_context(plan: Plan, kernels: KernelArtifacts, base_image: str, whee
     (dest / "flagos" / "kernels-manifest.json").write_text(manifest)
     (dest / "flagos" / BUILD_RECORD).write_text(json.dumps(build_record(plan), indent=2, sort_keys=True) + "\n")
     (dest / "flagos" / CLAIMS).write_text(json.dumps(plan.chip.versions, indent=2, sort_keys=True) + "\n")
-    config_name, config_text = render_serve_config(plan, project_dir)
     (dest / "serve").mkdir()
-    (dest / "serve" / config_name).write_text(config_text)
-    dockerfile = render_dockerfile(plan, base_image, project_dir)
+    (dest / "serve" / SERVE_CONFIG).write_text(render_serve_config(plan, project_dir))
+    dockerfile = render_dockerfile(plan, base_image, project_dir, wheels=bool(wheels))
     (dest / "Dockerfile").write_text(dockerfile)
-    labels = image_labels(plan, hashlib.sha256(manifest.encode()).hexdigest(), project_dir, build_flags)
+    labels = image_labels(plan, hashlib.sha256(manifest.encode()).hexdigest(), project_dir)
     return BuildContext(path=dest, dockerfile=dockerfile, version=plan.short_fingerprint, labels=labels)
 
 

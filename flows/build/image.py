@@ -66,19 +66,10 @@ class ImageRef(BaseModel):
         return f"{self.repository}:{self.version}"
 
 
-@dataclass(frozen=True)
-class EngineBuild:
-    """What an inference engine's image needs from the host: wheels and the flags to record."""
-
-    wheels: Callable[[Path, Callable[[str], None]], list[Path]]
-    flags: dict[str, str]
-
-
-ENGINE_BUILDS: dict[str, EngineBuild] = {
-    "transformers": EngineBuild(wheels=lambda project_dir, log: image_wheelhouse(project_dir, log), flags={}),
-    # GPU images take FlagScale/vLLM from the vendor base image; their wheelhouse is filled on the chip's build host
-    "vllm": EngineBuild(wheels=lambda project_dir, log: [], flags={}),
-}
+def image_wheels(plan: Plan, project_dir: Path, log: Callable[[str], None]) -> list[Path]:
+    """The wheels an image installs: our wheelhouse on a base made here; none on a chip vendor's base, which
+    carries its own vLLM, FlagScale and FlagGems."""
+    return image_wheelhouse(project_dir, log) if plan.chip.base_debootstrap is not None else []
 
 
 def existing_image(plan: Plan, registry: RegistryClient) -> ImageRef | None:
@@ -98,10 +89,9 @@ def build_release_image(plan: Plan, kernels: KernelArtifacts, client: docker.Doc
     if existing is not None:
         log(f"{repository}:{version} already in the registry ({existing.digest}): nothing changed, no build, no push")
         return existing
-    engine = ENGINE_BUILDS[plan.chip.serve.engine]
     debootstrap = plan.chip.base_debootstrap
     base = ensure_base_image(client, plan.chip.name, debootstrap, log) if debootstrap else plan.chip.base_image
-    context = assemble_context(plan, kernels, base, engine.wheels(project_dir, log), context_dir, project_dir, engine.flags)
+    context = assemble_context(plan, kernels, base, image_wheels(plan, project_dir, log), context_dir, project_dir)
     log(f"build context for {repository}:{version} rendered in {context.path}")
     if not debootstrap:
         require_base_image(client, plan.chip.name, base, context.path)

@@ -1,90 +1,91 @@
-"""Wheels downloaded or built on the host once per machine: the image wheelhouse (the `kernels` and `engine`
-extras of pyproject.toml for the image's Python, installed offline inside `docker build`, where the package index
-is unreachable over TLS; see ../shared/notes/cpu-image.md), and llama.cpp's server for this environment only (the
-evaluate tests' quantised control stacks; no image ships it)."""
+"""The image wheelhouse, downloaded on the host once per machine: pyproject's `kernels` and `engine` extras with
+their dependencies for the image's Python (installed offline inside `docker build`, where the package index is
+unreachable over TLS; see ../shared/notes/cpu-image.md), plus what installs without its dependencies, minus the
+distributions the engine must not get. The same wheels make `.venv-engine`, where tests and benchmarks run the
+engine here."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import re
+import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from flows.build.cache import complete_entry, entry_key, publish_entry, staging_entry
 from flows.errors import FlagReleaseError
-from flows.plan import image_requirements
+from flows.plan import engine_install_rules, image_requirements
 
-LLAMA_CPP = "llama-cpp-python==0.3.36"
-# Portable: the default build tunes for the build machine's CPU and dies with SIGILL on others.
-LLAMA_CPP_CMAKE_ARGS = "-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
-# What `python -m llama_cpp.server` imports, pinned; numpy/jinja2/diskcache/typing-extensions are llama-cpp's own.
-SERVER_REQUIREMENTS = (
-    "fastapi==0.150.0", "uvicorn==0.54.0", "sse-starlette==3.7.0", "starlette-context==0.5.1",
-    "pydantic-settings==2.16.3", "pydantic==2.14.4", "numpy==2.4.6", "jinja2==3.1.6", "diskcache==5.6.3",
-    "typing-extensions==4.16.0", "pyyaml==6.0.4",
-)
 TARGET_PYTHON = ("3.11", "cp311")  # Debian bookworm's python3
+# Debian bookworm's glibc is 2.36: every manylinux tag up to it runs there
+PLATFORMS = (*(f"manylinux_2_{minor}_x86_64" for minor in range(36, 16, -1)), "manylinux2014_x86_64", "any")
 
 
 class WheelBuildFailed(FlagReleaseError):
     pass
 
 
-def llama_cpp_wheel(log: Callable[[str], None] = print) -> Path:
-    """The portable llama-cpp-python wheel, built once per machine (~5-8 min on 2 cores)."""
-    recipe = {"requirement": LLAMA_CPP, "cmake_args": LLAMA_CPP_CMAKE_ARGS}
-    key = entry_key("llama-cpp-wheel", recipe)
-    done = complete_entry(key)
-    if done is None:
-        log(f"building {LLAMA_CPP} with CMAKE_ARGS='{LLAMA_CPP_CMAKE_ARGS}' (once per machine, several minutes)")
-        staging = staging_entry(key)
-        env = {**os.environ, "CMAKE_ARGS": LLAMA_CPP_CMAKE_ARGS, "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2)}
-        _pip(["wheel", "--no-deps", "--no-cache-dir", "--no-binary", "llama-cpp-python", "-w", str(staging), LLAMA_CPP],
-             env, "building the llama-cpp-python wheel")
-        done = publish_entry(key, staging, recipe)
-    [wheel] = done.glob("llama_cpp_python-*.whl")
-    return wheel
-
-
-def server_wheelhouse(log: Callable[[str], None] = print) -> Path:
-    """llama.cpp's server requirements, for this environment's Python, downloaded once per requirement set."""
-    return _wheelhouse("server-wheelhouse", list(SERVER_REQUIREMENTS), log)
+def distribution_name(wheel: Path) -> str:
+    """A wheel's distribution, normalised (PEP 503): `torch_audio-2.0-...whl` -> `torch-audio`."""
+    return re.sub(r"[-_.]+", "-", wheel.name.split("-")[0]).lower()
 
 
 def image_wheelhouse(project_dir: Path, log: Callable[[str], None] = print) -> list[Path]:
-    """Every wheel the image installs: pyproject's image extras and their dependencies, for the image's Python."""
+    """Every wheel the image installs (each with --no-deps: this list is the whole resolved environment)."""
+    rules = engine_install_rules(project_dir)
     pins = [f"{name}=={version}" for name, version in image_requirements(project_dir).items()]
-    return sorted(_wheelhouse("image-wheelhouse", pins, log).glob("*.whl"))
-
-
-def _wheelhouse(kind: str, requirements: list[str], log: Callable[[str], None]) -> Path:
-    recipe = {"requirements": sorted(requirements), "python": TARGET_PYTHON[0]}
-    key = entry_key(kind, recipe)
+    recipe = {"requirements": sorted(pins), "no_deps": sorted(rules.no_deps), "built_here": sorted(rules.built_here),
+              "python": TARGET_PYTHON[0]}
+    key = entry_key("image-wheelhouse", recipe)
     done = complete_entry(key)
     if done is None:
-        log(f"downloading {len(requirements)} pinned requirements and their dependencies for Python "
-            f"{TARGET_PYTHON[0]} ({kind}, once per machine)")
+        log(f"downloading {len(pins)} pinned requirements and their dependencies for Python {TARGET_PYTHON[0]} "
+            "(image wheelhouse, once per machine)")
         staging = staging_entry(key)
-        _pip(["download", "--only-binary=:all:", "--python-version", TARGET_PYTHON[0], "--implementation", "cp",
-              "--platform", "manylinux_2_28_x86_64", "--platform", "manylinux_2_17_x86_64",
-              "--platform", "manylinux2014_x86_64", "--platform", "any", "-d", str(staging), *requirements],
-             dict(os.environ), f"downloading the {kind}")
+        _pip(["wheel", "--no-deps", "--no-cache-dir", "-w", str(staging), *rules.built_here], dict(os.environ),
+             "building the source-only wheels")
+        platform = ["--only-binary=:all:", "--python-version", TARGET_PYTHON[0], "--implementation", "cp",
+                    *[arg for name in PLATFORMS for arg in ("--platform", name)], "--find-links", str(staging),
+                    "-d", str(staging)]
+        resolved = [pin for pin in pins if pin not in rules.no_deps + rules.built_here]
+        _pip(["download", *platform, *resolved], dict(os.environ), "downloading the image wheelhouse")
+        _pip(["download", "--no-deps", *platform, *rules.no_deps], dict(os.environ), "downloading the no-deps wheels")
         done = publish_entry(key, staging, recipe)
-    return done
+    skipped = {re.sub(r"[-_.]+", "-", name).lower() for name in rules.excluded}
+    return sorted(wheel for wheel in done.glob("*.whl") if distribution_name(wheel) not in skipped)
 
 
-def _pip(args: list[str], env: dict[str, str], what: str) -> None:
-    result = subprocess.run([sys.executable, "-m", "pip", "--disable-pip-version-check", *args], env=env,
+ENGINE_VENV = ".venv-engine"
+
+
+def engine_environment(project_dir: Path, log: Callable[[str], None] = print) -> Path:
+    """`.venv-engine` in the checkout: exactly the image's wheels (installed --no-deps from the wheelhouse), plus
+    the package metadata our plugin and vLLM's command need (engine/dist_info.py). The engine code itself is read
+    from the checkout (PYTHONPATH), as the image reads it from /opt/flagos. Returns its python."""
+    venv = project_dir / ENGINE_VENV
+    python = venv / "bin" / "python"
+    wheels = image_wheelhouse(project_dir, log)
+    stamp = venv / ".flagrelease-wheels"
+    wanted = "\n".join(wheel.name for wheel in wheels) + "\n"
+    if python.exists() and stamp.is_file() and stamp.read_text() == wanted:
+        return python
+    log(f"installing the engine's {len(wheels)} wheels into {ENGINE_VENV} (the image's environment)")
+    shutil.rmtree(venv, ignore_errors=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    _pip(["install", "-q", "--no-index", "--no-deps", *map(str, wheels)], dict(os.environ),
+         f"installing the engine into {ENGINE_VENV}", python)
+    result = subprocess.run([str(python), "-m", "engine.dist_info", "--plugin"], cwd=project_dir, capture_output=True,
+                            text=True, env={**os.environ, "PYTHONPATH": str(project_dir)})
+    if result.returncode != 0:
+        raise WheelBuildFailed(f"writing the engine's package metadata failed: {result.stderr[-2000:]}")
+    stamp.write_text(wanted)
+    return python
+
+
+def _pip(args: list[str], env: dict[str, str], what: str, python: Path | None = None) -> None:
+    result = subprocess.run([str(python or sys.executable), "-m", "pip", "--disable-pip-version-check", *args], env=env,
                             capture_output=True, text=True)
     if result.returncode != 0:
         raise WheelBuildFailed(f"{what} failed (pip exit {result.returncode}):\n{(result.stderr or result.stdout)[-3000:]}")
-
-
-def install_server_here(log: Callable[[str], None] = print) -> None:
-    """Install llama.cpp's OpenAI server into this Python environment (portable wheel, pinned requirements): the
-    evaluate tests serve quantised copies of the model with it as control stacks for the gate."""
-    wheel = llama_cpp_wheel(log)
-    names = [requirement.split("==")[0] for requirement in SERVER_REQUIREMENTS]
-    _pip(["install", "-q", "--no-index", "--find-links", str(wheel.parent), "--find-links", str(server_wheelhouse(log)),
-          LLAMA_CPP, *names], dict(os.environ), "installing llama.cpp's server into this environment")

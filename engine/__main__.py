@@ -1,5 +1,0 @@
-import sys
-
-from engine.server import main
-
-sys.exit(main())
