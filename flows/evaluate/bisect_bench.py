@@ -21,14 +21,15 @@ from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
 
-from engine.local import local_engine  # noqa: E402
 from engine.operators import OPS_VARIABLE  # noqa: E402
 from flows.build.cache import cache_root  # noqa: E402
 from flows.evaluate.benchmarks import load_definitions, load_items  # noqa: E402
 from flows.evaluate.bisect import bisect_culprits, max_passes  # noqa: E402
 from flows.evaluate.client import ask_stack  # noqa: E402
 from flows.evaluate.gate import item_means  # noqa: E402
+from flows.evaluate.local import local_engine  # noqa: E402
 from flows.evaluate.operators import operator_report, usage  # noqa: E402
+from flows.matrix import load_matrix  # noqa: E402
 from flows.settings import PROJECT_DIR  # noqa: E402
 
 SERVED_NAME = "smollm2-135m-flagos"
@@ -48,10 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     definition = load_definitions(PROJECT_DIR / "benchmarks.yaml").benchmarks["arithmetic"]
     items = load_items("arithmetic", definition, args.items)
     by_id = {item.id: item for item in items}
-    cache = cache_root() / "engine" / "checkpoints"
+    cache = cache_root() / "engine"
+    serve = load_matrix(PROJECT_DIR / "releases.yaml").chips["cpu"].serve
 
     def serve_and_ask(environment: dict[str, str], asked, times: int = 1):
-        with local_engine(args.gguf.parent, SERVED_NAME, environment, cache, gguf_file=args.gguf.name) as url:
+        with local_engine(args.gguf.parent, SERVED_NAME, environment, cache, serve, gguf_file=args.gguf.name) as url:
             before = operator_report(url)
             runs = [ask_stack(url, SERVED_NAME, asked, definition, concurrency=CONCURRENCY) for _ in range(times)]
             flagos = environment.get("USE_FLAGGEMS") == "1"

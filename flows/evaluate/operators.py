@@ -1,8 +1,9 @@
 """What each stack's engine says about our operators, read before and after it answers a benchmark: the proof that
 the FlagOS stack ran our kernels and the native stack ran none of them.
 
-The engine (engine/) serves `GET /flagos/operators`: per operator, whether it is switched on, where it is bound
-in the model, its kernel's source hash and a call counter. A stack that serves no such report cannot show what
+The engine's plugin (engine/report.py) serves `GET /flagos/operators`: per operator, whether it is switched on,
+which vLLM layer it is bound to, its kernel's source hash and a call counter, summed over the worker processes
+that ran the model. A stack that serves no such report cannot show what
 it ran, so it is refused as either side of a comparison."""
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ class OperatorUse(BaseModel):
     engine: str
     versions: dict[str, str]
     device: str
-    mode: str  # native | compiled | interpreted
+    mode: str  # native | compiled | interpreted: how our kernels ran
+    execution: str = "unknown"  # eager | compiled graphs: how vLLM ran the model (recorded since the vLLM engine)
     flagos: bool
     fault: str | None
     operators: list[OperatorCount]
@@ -96,6 +98,7 @@ def usage(before: dict[str, Any], after: dict[str, Any] | None, role: str) -> Op
     start = {o["name"]: o["calls"] for o in before["operators"]}
     use = OperatorUse(engine=after.get("engine", "unknown"), versions=after.get("versions", {}),
                       device=after.get("device", "unknown"), mode=after.get("mode", "unknown"),
+                      execution=after.get("execution", "unknown"),
                       flagos=bool(after.get("flagos")), fault=after.get("fault"),
                       operators=[OperatorCount(name=o["name"], sha256=o["sha256"], enabled=o["enabled"],
                                                bound_to=o["bound_to"], not_used=o.get("not_used"),

@@ -1,8 +1,7 @@
 """Serving performance next to accuracy: output tokens/s and time to first token at a few concurrencies.
 
 Streaming chat requests with a fixed prompt set and `max_tokens`; output tokens are counted one per content chunk
-(transformers serve, llama.cpp and vLLM stream a token per chunk; `stream_options` is not sent because transformers
-serve refuses it).
+(vLLM streams a token per chunk; `stream_options` is not sent, so any OpenAI server that streams can be measured).
 Not gated by default; a suite's `perf_min_ratio` gates every concurrency on FlagOS/native throughput. A level
 where nothing could be counted says why ("not measured"), never 0 tokens/s as if measured.
 """

@@ -4,8 +4,8 @@ change a GPU's reductions).
 
 A mild integration bug can leave accuracy unchanged at 1,000 items while the share of identical replies falls
 (measured on the H200: epsilon x 100 in RMSNorm). Positions are in words and punctuation marks, since the OpenAI
-API returns text, not token ids. Token log-probabilities would allow top-1 agreement and KL divergence, but the
-engine (transformers serve 5.22.2) refuses `logprobs`, so those are reported as not served.
+API returns text, not token ids. Token log-probabilities would allow top-1 agreement and KL divergence; the
+engine (vLLM) serves them, and scoring them is the next issue's work, so they are reported as not measured yet.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict
 from flows.evaluate.gate import Verdict, mcnemar_exact
 
 WORD = re.compile(r"\w+|[^\w\s]")
-LOGPROBS = "not served: transformers serve refuses logprobs, so top-1 agreement and KL divergence are not measured"
+LOGPROBS = "not measured: the evaluation does not ask for logprobs yet, so top-1 agreement and KL divergence are not reported"
 
 
 class Agreement(BaseModel):

@@ -13,7 +13,7 @@ from pathlib import Path
 import jinja2
 from pydantic import BaseModel, ConfigDict
 
-from flows.build.context import FLAGOS_HOME, MODEL_MOUNT, SERVE_CONFIGS, serve_name
+from flows.build.context import FLAGOS_HOME, MODEL_MOUNT, SERVE_CONFIG, serve_name
 from flows.build.image import ImageRef
 from flows.errors import FlagReleaseError
 from flows.evaluate.gate import Verdict
@@ -202,12 +202,10 @@ def operators_ran(flagos: OperatorUse, native: OperatorUse | None) -> str:
 
 
 def serve_note(plan: Plan) -> str:
-    """What the container's command does, in the seed card's terms where FlagScale serves."""
-    if plan.chip.serve.engine == "vllm":
-        return (f"The container's command is FlagScale's serve step, `flagscale serve {serve_name(plan)} "
-                f"{FLAGOS_HOME}/serve/{SERVE_CONFIGS['vllm']}`, kept in the foreground for as long as the engine "
-                "serves (`docker logs` shows the engine's output); wait until it lists the model:")
-    return "The image starts the OpenAI-compatible server with the model when the container starts; wait until it lists the model:"
+    """What the container's command does, in the seed card's terms: FlagScale serves on every chip."""
+    return (f"The container's command is FlagScale's serve step, `flagscale serve {serve_name(plan)} "
+            f"{FLAGOS_HOME}/serve/{SERVE_CONFIG}`, kept in the foreground for as long as the engine serves "
+            "(`docker logs` shows the engine's output); wait until it lists the model:")
 
 
 def thinking_note(report: EvaluationReport) -> str:
@@ -244,9 +242,8 @@ def card_data(plan: Plan, image: ImageRef, image_config: dict, report: Evaluatio
         raise CardError(["the evaluation report has no operator report of the FlagOS stack: nothing shows that "
                          "our kernels ran, so the card cannot say they did"])
     versions = flagos.versions  # read from the running image by its engine, not copied from the chip profile
-    engine = plan.chip.serve.engine
-    engine_label = f"{flagos.engine} of transformers {versions.get('transformers', 'unknown')}"
-    serving = f"the FlagOS engine ({engine_label})"
+    engine_label = f"{flagos.engine} {versions.get('vllm', 'unknown')}"
+    serving = f"FlagScale {versions.get('flagscale', 'unknown')} serving {engine_label} with our operator plugin"
     commands, weights_dir = download_commands(plan, weights)
     port = plan.chip.serve.port
     base_url = f"http://127.0.0.1:{port}/v1"
@@ -259,7 +256,7 @@ def card_data(plan: Plan, image: ImageRef, image_config: dict, report: Evaluatio
         base_model=plan.model.base_model or plan.model.source.repo,
         license_id=plan.model.license.id, license_url=plan.model.license.url,
         library_name="gguf" if plan.model.format == "gguf" else "transformers",
-        tags=list(dict.fromkeys(["flagos", plan.chip.name, plan.chip.vendor.lower(), engine, "text-generation"])),
+        tags=list(dict.fromkeys(["flagos", plan.chip.name, plan.chip.vendor.lower(), flagos.engine, "text-generation"])),
         accelerator=plan.chip.accelerator, vendor=plan.chip.vendor,
         reference_label=(f"{plan.model.display_name} on the same image and engine with our operators switched off "
                          f"({' '.join(f'{k}={v}' for k, v in plan.chip.serve.native_env.items())})"
@@ -273,7 +270,8 @@ def card_data(plan: Plan, image: ImageRef, image_config: dict, report: Evaluatio
         kernels_note=kernels_note(plan, flagos),
         operators_ran=operators_ran(flagos, report.operator_use("native")),
         native_ops_note=native_ops_note(plan), thinking_note=thinking_note(report),
-        engine_version=f"{flagos.engine} (transformers {versions.get('transformers', 'unknown')})",
+        engine_version=f"{engine_label} (transformers {versions.get('transformers', 'unknown')}), in "
+                       f"{flagos.execution} mode",
         torch_version=versions.get("torch", "unknown"), triton_version=versions.get("triton", "unknown"),
         operator_summary=(f"{passed} of {len(report.operators)} operator checks matched their references "
                           f"(largest absolute error {worst:.3g})." if report.operators
@@ -281,11 +279,10 @@ def card_data(plan: Plan, image: ImageRef, image_config: dict, report: Evaluatio
         driver_version=plan.chip.driver_version,
         docker_version=image_config.get("docker_version") or "unknown builder",
         os=plan.chip.os,
-        flagscale_version=tools.get("flagscale", f"not in this image (served by {engine_label})"),
-        serving_note=("FlagScale starts the OpenAI-compatible server for the model with the chip's settings."
-                      if "flagscale" in tools else
-                      f"This image serves the model with the OpenAI-compatible server of {serving} instead; "
-                      "FlagScale is not in it."),
+        flagscale_version=versions.get("flagscale", "not reported by the running image"),
+        serving_note=(f"The image's command is `flagscale serve`: FlagScale starts {engine_label}'s "
+                      "OpenAI-compatible server for the model with the chip's settings, and our vLLM plugin puts our "
+                      "Triton kernels in place of vLLM's layers."),
         flaggems_version=tools.get("flaggems", f"FlagOS Triton kernels, {kernels_label.rsplit('@', 1)[-1][:19]}"),
         download_commands=commands, pull_command=f"docker pull {image.by_digest}",
         run_command=run_command(plan, image, weights_dir),

@@ -1,4 +1,4 @@
-"""The evaluate stage over real llama.cpp servers given as endpoint URLs (the chip-host path): the suite gated,
+"""The evaluate stage over real vLLM servers given as endpoint URLs (the chip-host path): the suite gated,
 the report rendered, results stored and reused, missing data and a missing reference never passing, and a sampled
 benchmark asked again with more repeats while it is inconclusive."""
 
@@ -18,7 +18,7 @@ from flows.reports import evaluation_markdown, evaluation_table
 from flows.settings import Settings
 from kernels.report import OpResult
 from tests.conftest import PROJECT_DIR, free_port
-from tests.evaluate.conftest import llama_server, requantized
+from tests.engine.conftest import plain_vllm
 
 ITEMS = 90  # identical answers PASS a 3 pp margin from 54 items; the detectable drop is below it from 81
 OPERATORS = [OpResult("rms_norm", "bfloat16", "4096x2048", 0.0078, 0.0039, 0.016, 0.016, True)]
@@ -32,8 +32,8 @@ def plan_with(suite: dict[str, Benchmark], reference: str = "native") -> Plan:
 def run(plan: Plan, store: Path, candidate: str, reference: str | None, lines: list[str],
         benchmarks_file: Path = PROJECT_DIR / "benchmarks.yaml", verify_operators: bool = False,
         names: tuple[str | None, str | None] = ("control A", "control B")):
-    """The stage over llama.cpp stacks: quantisation controls for the gate, not FlagOS engines, so their operator
-    reports are not asked for unless `verify_operators` (the release flow always asks). llama.cpp reports no
+    """The stage over plain vLLM stacks (no plugin report): controls for the gate, not FlagOS engines, so their
+    operator reports are not asked for unless `verify_operators` (the release flow always asks). They report no
     identity, so each endpoint is named, as an engineer would name a foreign engine."""
     candidate_source, reference_source = image_sources(
         plan, "unused", Path("/nonexistent"), Endpoint(candidate, names[0]),
@@ -58,8 +58,7 @@ def test_stacks_that_cannot_show_which_operators_ran_are_refused_before_any_requ
 
 @pytest.fixture(scope="module")
 def two_stacks(smollm2_gguf: Path):
-    with llama_server(smollm2_gguf, alias="smollm2-135m-flagos") as native, \
-            llama_server(smollm2_gguf, alias="smollm2-135m-flagos") as candidate:
+    with plain_vllm(smollm2_gguf) as native, plain_vllm(smollm2_gguf) as candidate:
         yield native, candidate
 
 
@@ -131,19 +130,17 @@ def test_missing_data_and_a_missing_reference_never_pass(two_stacks, tmp_path: P
     assert "data not available" in evaluation_markdown(report)
 
 
-def test_a_sampled_inconclusive_benchmark_is_asked_again_with_more_repeats(smollm2_gguf: Path, tmp_path: Path):
-    """Q4_1 as the candidate against its Q8_0 requantisation as the reference, sampled at temperature 0.6 on 24
-    items with a 5 pp margin: one sample per item cannot decide at that margin (too few items), so the stage doubles
-    the repeats (seed 1234 + k on both sides) up to the cap."""
+def test_a_sampled_inconclusive_benchmark_is_asked_again_with_more_repeats(two_stacks, tmp_path: Path):
+    """Two stacks sampled at temperature 0.6 on 24 items with a 5 pp margin: one sample per item cannot decide at
+    that margin (too few items), so the stage doubles the repeats (seed 1234 + k on both sides) up to the cap."""
     definitions = (PROJECT_DIR / "benchmarks.yaml").read_text().replace(
         "    max_tokens: 12", "    max_tokens: 12\n    temperature: 0.6")
     benchmarks_file = tmp_path / "benchmarks.yaml"
     benchmarks_file.write_text(definitions)
     plan = plan_with({"arithmetic": Benchmark(margin_pp=5.0, limit=24, repeats=1, max_repeats=4)})
     lines: list[str] = []
-    with llama_server(smollm2_gguf, alias="smollm2-135m-flagos") as q4_1, \
-            llama_server(requantized(smollm2_gguf, "Q8_0"), alias="smollm2-135m-flagos") as q8_0:
-        report = run(plan, tmp_path / "store", q4_1, q8_0, lines, benchmarks_file)
+    native, candidate = two_stacks
+    report = run(plan, tmp_path / "store", candidate, native, lines, benchmarks_file)
     [outcome] = report.outcomes
     assert any("INCONCLUSIVE, asking again with 2 repeats (cap 4)" in line for line in lines), "\n".join(lines)
     assert outcome.repeats == 4 or outcome.gate.verdict != Verdict.INCONCLUSIVE

@@ -25,8 +25,7 @@ from flows.publish.release import referrers
 from flows.registry import RegistryClient, Repository
 from flows.services import Services
 from tests.conftest import PROJECT_DIR
-from tests.engine.conftest import engine_server
-from tests.evaluate.conftest import llama_server
+from tests.engine.conftest import engine_server, plain_vllm
 from tests.faults.conftest import (REPOSITORY, SMALL_SUITE_ITEMS, Bench, Proxy, blobs_complete, latest_digest, record,
                                    run_with_fault, weights_manifest_state, weights_manifests)
 from tests.unit.test_matrix import JUNK, committed, leaf_paths, setter, write
@@ -45,17 +44,17 @@ def evaluation_of(bench: Bench) -> dict:
 
 
 def test_a_candidate_that_cannot_show_our_kernels_ran_is_refused(bench: Bench, smollm2_gguf: Path):
-    """llama.cpp's server answering as the FlagOS endpoint: it serves no operator report, so nothing shows our
-    kernels ran; the run fails before the candidate is asked, the report is written, nothing moves."""
+    """vLLM without our plugin's report answering as the FlagOS endpoint: it serves no operator report, so nothing
+    shows our kernels ran; the run fails before the candidate is asked, the report is written, nothing moves."""
     registry = bench.registry("refused", None)
     host = f"127.0.0.1:{registry.registry_port}"
-    with llama_server(smollm2_gguf, alias="smollm2-135m-flagos") as other_engine:
+    with plain_vllm(smollm2_gguf) as other_engine:
         state = bench.run(host, FLAGRELEASE_CANDIDATE_URL=other_engine)
     report = evaluation_of(bench)
     [outcome] = report["outcomes"]
     assert state.is_failed() and "the flagos endpoint" in state.message and "serves no operator report" in state.message
     assert outcome["gate"] is None and report["verdict"] == "INCONCLUSIVE" and latest_digest(host) is None
-    record("candidate is not a FlagOS engine (llama.cpp URL)", "refused before it is asked, nothing published",
+    record("candidate is not a FlagOS engine (plain vLLM URL)", "refused before it is asked, nothing published",
            f"{state.type.value}; report {report['verdict']}; latest {latest_digest(host)}", blobs_complete(host))
     SNAPSHOT["built"] = registry.state_dir / "registry" / "data"  # the image pushed, no release published
 

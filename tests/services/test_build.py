@@ -74,7 +74,7 @@ def test_cpu_image_builds_pushes_by_digest_and_serves_the_model(services: Settin
     assert registry.manifest_digest(image.digest) == image.digest == registry.manifest_digest(image.version)
     labels = registry.image_labels(image.digest)
     assert labels["flagrelease.fingerprint"] == plan.fingerprint and labels["flagrelease.chip"] == "cpu"
-    assert labels["flagrelease.tool.transformers"] == "5.22.2" and labels["flagrelease.tool.torch"] == "2.13.0"
+    assert labels["flagrelease.tool.vllm"] == "0.32.0" and labels["flagrelease.tool.torch"] == "2.13.0"
 
     request = ServeRequest(image=image.by_digest, name="flagrelease-test-serve", weights=gguf_dir,
                            port=plan.chip.serve.port, flags=plan.chip.docker_run_flags,
@@ -125,7 +125,7 @@ def test_a_kernel_change_means_a_new_fingerprint_and_a_new_image(services: Setti
 
 
 def test_a_failing_step_is_named(services: Settings, project_copy: Path):
-    template = (project_copy / "templates" / "Dockerfile.transformers.j2").read_text()
+    template = (project_copy / "templates" / "Dockerfile.j2").read_text()
     (project_copy / "images" / "cpu" / "Dockerfile.j2").write_text(
         template.replace("COPY kernels/", "RUN echo broken step && exit 3\nCOPY kernels/", 1))
     with pytest.raises(BuildFailed) as caught:
@@ -146,11 +146,11 @@ def test_a_chip_whose_base_image_is_unreachable_stops_with_its_context(services:
 
 def test_a_version_the_image_does_not_hold_stops_the_build(services: Settings, project_copy: Path):
     profile = project_copy / "images" / "cpu" / "chip.yaml"
-    profile.write_text(profile.read_text().replace("transformers: 5.22.2", "transformers: 9.9.9"))
+    profile.write_text(profile.read_text().replace("vllm: 0.32.0", "vllm: 9.9.9"))
     with pytest.raises(BuildFailed) as caught:
         release(services, "smollm2-cpu", project_copy)
     assert "engine.claims" in caught.value.step
-    assert "transformers 9.9.9 claimed, 5.22.2 found" in str(caught.value)
+    assert "vllm 9.9.9 claimed, 0.32.0+cpu found" in str(caught.value)
 
 
 def test_the_same_release_built_from_another_state_folder_is_the_same_image(services: Settings,

@@ -40,7 +40,7 @@ def registry_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sett
 def push_image(registry: RegistryClient, content: bytes) -> ImageRef:
     """A small but real image manifest (config + one layer) pushed by digest and under its version tag."""
     config = json.dumps({"architecture": "amd64", "os": "linux", "docker_version": "20.10.24+dfsg1",
-                         "config": {"Labels": {"flagrelease.tool.transformers": "5.22.2"}},
+                         "config": {"Labels": {"flagrelease.tool.vllm": "0.32.0"}},
                          "rootfs": {"type": "layers", "diff_ids": ["sha256:" + hashlib.sha256(content).hexdigest()]}})
     manifest = {"schemaVersion": 2, "mediaType": DOCKER_MANIFEST,
                 "config": registry.push_blob(config.encode(), "application/vnd.docker.container.image.v1+json"),

@@ -49,7 +49,8 @@ def kernels() -> KernelArtifacts:
 @pytest.mark.parametrize("release", ["qwen3-iluvatar", "qwen3-nvidia", "smollm2-cpu"])
 def test_every_chip_dockerfile_renders_and_passes_hadolint(release: str, tmp_path: Path):
     plan = plan_of(release)
-    dockerfile = render_dockerfile(plan, plan.chip.base_image or "local/flagrelease-base-cpu:test", PROJECT_DIR)
+    dockerfile = render_dockerfile(plan, plan.chip.base_image or "local/flagrelease-base-cpu:test", PROJECT_DIR,
+                                   wheels=plan.chip.base_debootstrap is not None)
     (tmp_path / "Dockerfile").write_text(dockerfile)
     # DL3013 (pin pip versions): the requirements file pins every wheel by version and hash
     lint = subprocess.run([str(HADOLINT), "--ignore", "DL3013", "--failure-threshold", "warning",
@@ -61,45 +62,60 @@ def test_every_chip_dockerfile_renders_and_passes_hadolint(release: str, tmp_pat
 def test_gpu_images_compile_the_kernels_in_a_builder_stage_at_the_runtime_path():
     for release, target in (("qwen3-iluvatar", "--target corex:ivcore20"), ("qwen3-nvidia", "--target cuda:80 --target cuda:90")):
         plan = plan_of(release)
-        steps = instructions(render_dockerfile(plan, plan.chip.base_image, PROJECT_DIR))
+        steps = instructions(render_dockerfile(plan, plan.chip.base_image, PROJECT_DIR, wheels=False))
         assert steps[0] == ("FROM", f"{plan.chip.base_image} AS kernels")
         assert ("RUN", f"python3 -m kernels.aot {target} --out {TRITON_CACHE}") in steps
         assert ("COPY", f"--from=kernels {FLAGOS_HOME}/ {FLAGOS_HOME}/") in steps
+        assert not any(value.startswith("wheels/") for kind, value in steps if kind == "COPY")  # the vendor's vLLM
         env = " ".join(value for kind, value in steps if kind == "ENV")
-        assert f"TRITON_CACHE_DIR={TRITON_CACHE}" in env and "USE_FLAGGEMS=1" in env
-        # FlagScale's serve step, kept in the foreground (tests/unit/test_foreground.py)
-        assert steps[-1] == ("CMD", f'["python3", "-m", "engine.foreground", "qwen3", "{FLAGOS_HOME}/serve/vllm.yaml"]')
-        assert ("COPY", f"engine/claims.py engine/foreground.py {FLAGOS_HOME}/engine/") in steps
+        assert f"TRITON_CACHE_DIR={TRITON_CACHE}" in env and "USE_FLAGGEMS" not in env
+
+
+def test_every_image_runs_flagscale_serve_with_our_plugin_registered():
+    """One Dockerfile for every chip: the plugin's entry point and the claims checked at build time, and FlagScale's
+    serve step kept in the foreground as the command (tests/unit/test_foreground.py)."""
+    for release, name in (("smollm2-cpu", "llama"), ("qwen3-iluvatar", "qwen3"), ("qwen3-nvidia", "qwen3")):
+        plan = plan_of(release)
+        steps = instructions(render_dockerfile(plan, "base:1", PROJECT_DIR, wheels=False))
+        assert ("RUN", "python3 -m engine.dist_info --plugin && python3 -m engine.claims claims.json") in steps
+        assert ("COPY", f"engine/ {FLAGOS_HOME}/engine/") in steps
+        assert steps[-1] == ("CMD", f'["python3", "-m", "engine.foreground", "{name}", "{FLAGOS_HOME}/serve/vllm.yaml"]')
 
 
 def test_cpu_image_orders_layers_from_heavy_to_light():
     plan = plan_of("smollm2-cpu")
-    steps = [kind + " " + value.split()[0] for kind, value in instructions(render_dockerfile(plan, "base:1", PROJECT_DIR))]
+    steps = [kind + " " + value.split()[0]
+             for kind, value in instructions(render_dockerfile(plan, "base:1", PROJECT_DIR, wheels=True))]
     assert (steps.index("COPY wheels/") < steps.index("RUN python3") < steps.index("COPY kernels/")
             < steps.index("COPY engine/") < steps.index("COPY serve/"))
 
 
-def test_the_cpu_image_runs_the_engine_with_the_interpreter_and_no_switch_of_its_own():
-    steps = instructions(render_dockerfile(plan_of("smollm2-cpu"), "base:1", PROJECT_DIR))
+def test_the_cpu_image_runs_the_kernels_with_the_interpreter_and_no_switch_of_its_own():
+    steps = instructions(render_dockerfile(plan_of("smollm2-cpu"), "base:1", PROJECT_DIR, wheels=True))
     env = " ".join(value for kind, value in steps if kind == "ENV")
     assert "TRITON_INTERPRET=1" in env and "USE_FLAGGEMS" not in env  # the container's environment picks the stack
-    assert steps[-1] == ("CMD", f'["python3", "-m", "engine", "--config", "{FLAGOS_HOME}/serve/transformers.json"]')
+    install = next(value for kind, value in steps if kind == "RUN" and "pip install" in value)
+    assert "--no-deps" in install and "--require-hashes" in install and "--no-index" in install
 
 
 def test_serve_configurations_carry_the_served_name_port_and_mounted_weights():
-    name, text = render_serve_config(plan_of("smollm2-cpu"), PROJECT_DIR)
-    config = json.loads(text)
-    assert name == "transformers.json" and config["port"] == 8000 and config["host"] == "0.0.0.0"
-    assert config["served_name"] == "smollm2-135m-flagos" and config["model_dir"] == "/models"
-    assert config["gguf_file"] == "SmolLM2-135M-Instruct.Q4_1.gguf"  # the verified file, whatever else is there
-    assert config["device"] == "cpu" and config["dtype"] == "float32" and config["continuous_batching"] is True
-    assert "threads" not in text  # nothing of the build host is baked into the image
-    name, text = render_serve_config(plan_of("qwen3-iluvatar"), PROJECT_DIR)
-    document = yaml.safe_load(text)
+    document = yaml.safe_load(render_serve_config(plan_of("smollm2-cpu"), PROJECT_DIR))
     engine = document["serve"][0]["engine_args"]
-    assert name == "vllm.yaml" and engine["served_model_name"] == "qwen3-30b-a3b-flagos" and engine["port"] == 8000
+    assert engine["served_model_name"] == "smollm2-135m-flagos" and engine["port"] == 8000
+    assert engine["host"] == "0.0.0.0" and engine["dtype"] == "float32" and engine["enforce_eager"] is True
+    assert engine["middleware"] == "engine.report.operator_route"
+    assert engine["worker_extension_cls"] == "engine.report.OperatorReportExtension"
+    # the verified GGUF is converted once into the engine's cache and served from the link it points there
+    assert document["experiment"]["cmds"]["before_start"] == (
+        "python3 -m engine.checkpoint /models /var/cache/flagos/checkpoints /var/cache/flagos/serving/smollm2-135m-flagos"
+        " --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert engine["model"] == "/var/cache/flagos/serving/smollm2-135m-flagos"
+    assert document["experiment"]["envs"] == {"VLLM_CPU_KVCACHE_SPACE": "2"}
+    document = yaml.safe_load(render_serve_config(plan_of("qwen3-iluvatar"), PROJECT_DIR))
+    engine = document["serve"][0]["engine_args"]
+    assert engine["served_model_name"] == "qwen3-30b-a3b-flagos" and engine["port"] == 8000
     assert engine["model"] == "/models" and engine["tensor_parallel_size"] == 1  # the path the weights are mounted at
-    assert "USE_FLAGGEMS" not in document["experiment"]["envs"]  # would override the native stack's USE_FLAGGEMS=0
+    assert "cmds" not in document["experiment"] and "envs" not in document["experiment"]  # nothing overrides USE_FLAGGEMS
 
 
 def test_a_missing_template_variable_names_it(tmp_path: Path):
@@ -112,11 +128,11 @@ def test_context_has_hashed_wheels_kernels_manifest_and_labels(tmp_path: Path):
     wheel = tmp_path / "demo_pkg-1.2.3-py3-none-any.whl"
     wheel.write_bytes(b"not really a wheel")
     plan = plan_of("smollm2-cpu")
-    context = assemble_context(plan, kernels(), "base:1", [wheel], tmp_path / "ctx", PROJECT_DIR, {"flag": "x"})
+    context = assemble_context(plan, kernels(), "base:1", [wheel], tmp_path / "ctx", PROJECT_DIR)
     requirements = (context.path / "wheels" / "requirements.txt").read_text()
     assert requirements.startswith("demo_pkg==1.2.3 --hash=sha256:")
     assert sorted(p.name for p in (context.path / "kernels").iterdir()) == sorted(p.name for p in (PROJECT_DIR / "kernels").glob("*.py"))
-    assert {"server.py", "operators.py", "adapters.py", "architectures.yaml"} <= {p.name for p in (context.path / "engine").iterdir()}
+    assert {"plugin.py", "layers.py", "operators.py", "report.py", "foreground.py"} <= {p.name for p in (context.path / "engine").iterdir()}
     manifest = json.loads((context.path / "flagos" / "kernels-manifest.json").read_text())
     assert manifest["consistency"][0]["op"] == "rms_norm" and manifest["aot"] is None
     build = json.loads((context.path / "flagos" / "build.json").read_text())  # what the engine reports serving
@@ -127,10 +143,10 @@ def test_context_has_hashed_wheels_kernels_manifest_and_labels(tmp_path: Path):
     assert labels["org.opencontainers.image.version"] == plan.short_fingerprint == context.version
     assert labels["org.opencontainers.image.title"] == "SmolLM2-135M-Instruct-CPU-FlagOS"
     assert labels["org.opencontainers.image.licenses"] == "apache-2.0"
-    assert labels["flagrelease.build.flag"] == "x" and labels["flagrelease.tool.triton"] == "3.7.1"
+    assert labels["flagrelease.tool.triton"] == "3.7.1" and labels["flagrelease.tool.vllm"] == "0.32.0"
     assert labels["flagrelease.kernels-manifest"].startswith(f"{FLAGOS_HOME}/kernels-manifest.json@sha256:")
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", labels["org.opencontainers.image.created"])
-    again = assemble_context(plan, kernels(), "base:1", [wheel], tmp_path / "ctx2", PROJECT_DIR, {"flag": "x"})
+    again = assemble_context(plan, kernels(), "base:1", [wheel], tmp_path / "ctx2", PROJECT_DIR)
     assert again.labels == labels  # the commit's time, not the build's: the same inputs label the same image
     assert json.loads((context.path / "flagos" / "claims.json").read_text()) == plan.chip.versions
 

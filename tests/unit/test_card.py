@@ -35,9 +35,10 @@ def operator_use(flagos: bool, mode: str = "interpreted") -> OperatorUse:
                           not_used=None if bound or not flagos else "dense model (no experts)",
                           calls=calls if flagos else 0)
             for name, bound, calls in (("rms_norm", True, 6100), ("silu_and_mul", True, 3000), ("moe_sum", False, 0))]
-    return OperatorUse(engine="transformers-serve", versions={"transformers": "5.22.2", "torch": "2.13.0+cpu",
-                                                              "triton": "3.7.1"},
-                       device="cpu", mode=mode if flagos else "native", flagos=flagos, fault=None, operators=rows)
+    return OperatorUse(engine="vllm", versions={"vllm": "0.32.0+cpu", "flagscale": "0.8.0", "transformers": "5.19.0",
+                                                "torch": "2.13.0+cpu", "triton": "3.7.1"},
+                       device="cpu", mode=mode if flagos else "native", execution="eager", flagos=flagos, fault=None,
+                       operators=rows)
 
 
 def report_for(plan, drops: dict[str, float], mode: str = "interpreted", gates: list | None = None,
@@ -120,7 +121,8 @@ def test_the_card_says_what_ran_and_how_as_the_engines_reported_it():
     assert "This model has no place for moe_sum." in card
     assert "with our operators switched off (USE_FLAGGEMS=0)" in card
     assert "| PyTorch version | 2.13.0+cpu |" in card and "| Triton version | 3.7.1 |" in card
-    assert "| Serving engine | transformers-serve (transformers 5.22.2) |" in card
+    assert "| Serving engine | vllm 0.32.0+cpu (transformers 5.19.0), in eager mode |" in card
+    assert "| FlagScale version | 0.8.0 |" in card and "`flagscale serve llama /opt/flagos/serve/vllm.yaml`" in card
     assert "compiled ahead of time for corex:ivcore20" in render("qwen3-iluvatar", drops={"mmlu": 0.0}, mode="compiled")
 
 

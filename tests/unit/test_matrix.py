@@ -191,10 +191,12 @@ def test_a_chip_keeps_named_operators_native_each_with_its_reason(project_copy: 
                "silu_and_mul" in problem for problem in problems), problems
 
 
-def test_a_chip_whose_engine_cannot_run_on_its_base_is_refused(project_copy: Path):
-    problems = refusal(cpu_serve(project_copy, engine="vllm"))  # vLLM on the Debian base made here
-    assert any("serve.engine vllm needs base_image: vLLM, FlagScale and FlagGems come with the chip vendor's image"
-               in problem for problem in problems), problems
+def test_a_chip_serving_compiled_graphs_or_another_engine_is_refused(project_copy: Path):
+    """Compiled graphs would run our operators' Python once while tracing: the report could not count per request."""
+    problems = refusal(cpu_serve(project_copy, enforce_eager=False))
+    assert any("serve.enforce_eager" in problem and "True" in problem for problem in problems), problems
+    problems = refusal(cpu_serve(project_copy, engine="transformers"))  # one engine in the project
+    assert any("serve.engine" in problem for problem in problems), problems
 
 
 def test_chip_profile_name_must_match_its_folder(project_copy: Path):

@@ -8,7 +8,7 @@ from flows.evaluate.operators import StackRefused, check_switch, served_identity
 
 
 def report(flagos: bool, calls: dict[str, int], bound: tuple[str, ...] = ("rms_norm", "silu_and_mul")) -> dict:
-    return {"engine": "transformers-serve", "versions": {"torch": "2.13.0"}, "device": "cpu",
+    return {"engine": "vllm", "versions": {"torch": "2.13.0"}, "device": "cpu",
             "mode": "interpreted" if flagos else "native", "flagos": flagos, "fault": None,
             "operators": [{"name": name, "sha256": "0" * 64, "enabled": flagos,
                            "bound_to": [f"m.{name}"] if flagos and name in bound else [],

@@ -18,7 +18,7 @@ KEY = ResultKey(model="qwen3-30b-a3b", revision="abc123", suite="flagrelease-fiv
 NATIVE = Stack(role="native", release="qwen3-nvidia", served_by="registry/x@sha256:1 {\"USE_FLAGGEMS\": \"0\"}")
 FLAGOS = Stack(role="flagos", release="qwen3-nvidia", served_by="registry/x@sha256:1 {\"USE_FLAGGEMS\": \"1\"}")
 
-USE = OperatorUse(engine="transformers-serve", versions={"torch": "2.13.0"}, device="cpu", mode="native", flagos=False,
+USE = OperatorUse(engine="vllm", versions={"torch": "2.13.0"}, device="cpu", mode="native", flagos=False,
                   fault=None, operators=[OperatorCount(name="rms_norm", sha256="0" * 64, enabled=False, bound_to=[],
                                                        not_used=None, calls=0)])
 

@@ -1,0 +1,66 @@
+"""The FlagOS stack's cost through the engine on this machine, as a ratio against the native stack measured in the
+same run: the same image path (`flagscale serve` -> vLLM, eager) with USE_FLAGGEMS 1 vs 0, the cpu suite's
+arithmetic prompts sent at once, generated tokens/s and start-to-ready seconds of each stack.
+
+    python -m flows.evaluate.engine_bench [--items 64] [--gguf PATH] [--json FILE]
+
+Results in BENCHMARKS.md. Needs `.venv-engine` (`flagrelease prepare`) and the SmolLM2 GGUF (the weights stage puts
+it in ~/.cache/flagrelease)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from flows.build.cache import cache_root
+from flows.evaluate.benchmarks import load_definitions, load_items
+from flows.evaluate.client import ask_stack
+from flows.evaluate.local import local_engine
+from flows.matrix import load_matrix
+from flows.settings import PROJECT_DIR
+
+SERVED_NAME = "smollm2-135m-flagos"
+
+
+def stack(gguf: Path, flagos: bool, items: int) -> dict[str, float]:
+    definition = load_definitions(PROJECT_DIR / "benchmarks.yaml").benchmarks["arithmetic"]
+    questions = load_items("arithmetic", definition, items)
+    serve = load_matrix(PROJECT_DIR / "releases.yaml").chips["cpu"].serve
+    started = time.perf_counter()
+    with local_engine(gguf.parent, SERVED_NAME, {"USE_FLAGGEMS": "1" if flagos else "0"}, cache_root() / "engine",
+                      serve, gguf_file=gguf.name) as url:
+        ready_s = time.perf_counter() - started
+        ask_stack(url, SERVED_NAME, questions[:4], definition, concurrency=4)  # warm-up: first calls, first batch
+        began = time.perf_counter()
+        results = ask_stack(url, SERVED_NAME, questions, definition, concurrency=items)
+        elapsed = time.perf_counter() - began
+    tokens = sum(r.completion_tokens for r in results)
+    return {"ready_s": round(ready_s, 1), "items_per_s": round(items / elapsed, 3),
+            "generated_tokens_per_s": round(tokens / elapsed, 2), "generated_tokens": tokens,
+            "errors": sum(r.error is not None for r in results)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.evaluate.engine_bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--items", type=int, default=64, help="prompts sent at once (the client's default concurrency)")
+    found = sorted((cache_root() / "test-weights").rglob("*Q4_1.gguf")) + sorted(
+        (cache_root() / "weights").rglob("*Q4_1.gguf"))
+    parser.add_argument("--gguf", type=Path, default=found[0] if found else None)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    if args.gguf is None or not args.gguf.is_file():
+        parser.error("no SmolLM2 GGUF found; give --gguf (the weights stage puts it in ~/.cache/flagrelease)")
+    native = stack(args.gguf, False, args.items)
+    flagos = stack(args.gguf, True, args.items)
+    ratio = flagos["generated_tokens_per_s"] / native["generated_tokens_per_s"]
+    result = {"items": args.items, "native": native, "flagos": flagos, "flagos_over_native_tokens_per_s": round(ratio, 3)}
+    print(json.dumps(result, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
