@@ -89,7 +89,8 @@ def test_cpu_image_builds_pushes_by_digest_and_serves_the_model(services: Settin
         assert answer["usage"]["completion_tokens"] > 0
         report = requests.get(base_url.removesuffix("/v1") + "/flagos/operators", timeout=5).json()
         assert report["mode"] == "interpreted" and report["versions"]["triton"] == "3.7.1"
-        assert {o["name"] for o in report["operators"] if o["calls"]} == {"rms_norm", "silu_and_mul", "rotary_embedding"}
+        assert {o["name"] for o in report["operators"] if o["calls"]} == {"rms_norm", "fused_add_rms_norm", "silu_and_mul",
+                                                                          "rotary_embedding"}
         [container] = client.containers.list(filters={"name": "flagrelease-test-serve"})
         mounts = {m["Destination"]: m for m in container.attrs["Mounts"]}
         assert mounts["/models"]["RW"] is False and mounts["/var/cache/flagos"]["RW"] is True
