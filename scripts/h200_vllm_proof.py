@@ -1,4 +1,4 @@
-"""Our vLLM plugin on a GPU, judged by the project's own evaluate stage (run on the lent H200; benchmarks/).
+"""Our vLLM plugin on a GPU, judged by the project's own evaluate stage (lent H200: benchmarks/h200-2026-12-04-vllm).
 
 vLLM serves one converted checkpoint (bf16, our kernels compiled by Triton) as three stacks on one GPU, each with
 the operator report (engine/report.py) and our plugin found through its `vllm.general_plugins` entry point:
@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import statistics
@@ -50,6 +51,7 @@ STACKS = {"native": {"USE_FLAGGEMS": "0"}, "flagos": {"USE_FLAGGEMS": "1"},
 EAGER = ["--enforce-eager"]
 OUR_LAYERS = json.dumps({"custom_ops": ["+RMSNorm", "+SiluAndMul", "+RotaryEmbedding"]})
 COMPILED = {"native": [], "flagos": ["--compilation-config", OUR_LAYERS]}
+CAUSE = re.compile(r"^\(EngineCore[^)]*\) ((?:\w+\.)*\w*(?:Error|Unsupported): .*)")  # a traceback's last line
 # A fixed KV cache skips vLLM's memory profiling, which would count the other servers starting beside it
 SERVE = ["--dtype", "bfloat16", "--max-model-len", "2048", "--gpu-memory-utilization", "0.3",
          "--kv-cache-memory-bytes", str(8 << 30), "--middleware", "engine.report.operator_route",
@@ -111,8 +113,12 @@ def stop(server: Server) -> None:
             server.process.wait()
 
 
-def log_tail(server: Server, lines: int = 15) -> list[str]:
-    return server.log.read_text(errors="replace").splitlines()[-lines:]
+def failure(server: Server) -> dict[str, object]:
+    """Why a server did not serve: the engine core's own error (the API server's traceback after it says only that
+    the core failed) and the log's last lines."""
+    lines = server.log.read_text(errors="replace").splitlines()
+    causes = [match.group(1) for line in lines if (match := CAUSE.search(line))]
+    return {"exit": server.process.poll(), "cause": causes[0] if causes else None, "log_tail": lines[-15:]}
 
 
 async def _chats(url: str, model: str, prompts: list[str], max_tokens: int) -> tuple[float, int, int]:
@@ -202,8 +208,8 @@ def main() -> int:
         if args.compiled:  # our layers must refuse a configuration in which vLLM would route around them
             refused = start("flagos-default-ops", args.model, served_name, STACKS["flagos"], [], logs)
             stack.callback(stop, refused)
-            summary["flagos_default_ops"] = {"served": wait_ready(refused, args.timeout),
-                                             "exit": refused.process.poll(), "log_tail": log_tail(refused)}
+            served = wait_ready(refused, args.timeout)
+            summary["flagos_default_ops"] = {"served": served, **({} if served else failure(refused))}
             stop(refused)
             flags = COMPILED
         else:
@@ -212,7 +218,7 @@ def main() -> int:
         for name, extra in flags.items():
             servers[name] = start(name, args.model, served_name, STACKS[name], extra, logs)
             stack.callback(stop, servers[name])
-        failed = {name: log_tail(s, 40) for name, s in servers.items() if not wait_ready(s, args.timeout)}
+        failed = {name: failure(s) for name, s in servers.items() if not wait_ready(s, args.timeout)}
         summary["startup_s"] = {name: s.startup_s for name, s in servers.items()}
         if failed:  # compiled: native is still timed on its own, for the record
             summary["failed"] = failed
