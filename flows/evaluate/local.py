@@ -52,7 +52,7 @@ def local_engine(model_dir: Path, served_name: str, environment: dict[str, str],
         process = subprocess.Popen([str(engine_bin / "python"), "-m", "engine.foreground", SERVE_NAME, str(config)],
                                    cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            _wait_ready(process, port, log_path, timeout_s)
+            wait_ready(process, port, log_path, timeout_s)
             yield f"http://127.0.0.1:{port}/v1"
         finally:
             _stop(process)
@@ -72,7 +72,8 @@ def _stop(process: subprocess.Popen) -> None:
         pass
 
 
-def _wait_ready(process: subprocess.Popen, port: int, log: Path, timeout_s: float) -> None:
+def wait_ready(process: subprocess.Popen, port: int, log: Path, timeout_s: float) -> None:
+    """Until the server on `port` answers /v1/models; its exit or the deadline raises with the log's tail."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:

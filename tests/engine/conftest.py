@@ -7,16 +7,13 @@ from __future__ import annotations
 import os
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import requests
-
 from flows.build.cache import cache_root
 from flows.build.wheels import ENGINE_VENV
-from flows.evaluate.local import PROJECT_DIR, free_port, local_engine
+from flows.evaluate.local import PROJECT_DIR, free_port, local_engine, wait_ready
 from flows.matrix import load_matrix
 from tests.evaluate.conftest import smollm2_gguf  # noqa: F401  (the fixture, shared with the evaluate tests)
 
@@ -51,17 +48,7 @@ def plain_vllm(gguf: Path) -> Iterator[str]:
                                env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_PLUGINS": ""},
                                start_new_session=True)
     try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"vllm serve exited: {Path(log.name).read_text(errors='replace')[-2000:]}")
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                time.sleep(0.5)
-        else:
-            raise RuntimeError("vllm serve not ready after 240 s")
+        wait_ready(process, port, Path(log.name), 240)
         yield f"http://127.0.0.1:{port}/v1"
     finally:
         os.killpg(process.pid, 15)
