@@ -15,11 +15,14 @@ from typing import Any
 import torch
 from vllm.model_executor.custom_op import CustomOp
 from vllm.model_executor.layers.activation import SiluAndMul
+from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEMethodBase
+from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
+from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.rotary_embedding import RotaryEmbedding
 from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbeddingBase
 
-from engine.operators import GATE_UP_SWAPPED, NORM_EPS_SCALES, EngineError, Operators
+from engine.operators import GATE_UP_SWAPPED, MOE_NOT_RENORMALIZED, NORM_EPS_SCALES, EngineError, Operators
 
 PLATFORM_METHODS = ("forward_cuda", "forward_cpu", "forward_oot", "forward_xpu")
 
@@ -40,6 +43,14 @@ def _bound(layer: CustomOp, operators: Operators, names: tuple[str, ...], flagos
     for name in names:
         if operators.enabled(name):
             operators.bind(name, f"vllm {type(layer).name}")
+
+
+def _swiglu_input(operators: Operators, x: torch.Tensor) -> torch.Tensor:
+    """[gate | up] as vLLM lays it out, or [up | gate] under the gate-up-swapped fault."""
+    if operators.fault != GATE_UP_SWAPPED:
+        return x
+    gate, up = x.chunk(2, dim=-1)
+    return torch.cat((up, gate), dim=-1)
 
 
 def _on_every_platform(cls: type) -> type:
@@ -86,10 +97,7 @@ class FlagOSSiluAndMul(SiluAndMul):
         operators = _operators()
         if not operators.enabled("silu_and_mul"):
             return self.forward_native(x)
-        if operators.fault == GATE_UP_SWAPPED:
-            gate, up = x.chunk(2, dim=-1)
-            x = torch.cat((up, gate), dim=-1)
-        return operators.call("silu_and_mul", x)
+        return operators.call("silu_and_mul", _swiglu_input(operators, x))
 
 
 @_on_every_platform
@@ -118,10 +126,92 @@ class FlagOSRotaryEmbedding(RotaryEmbedding):
         return query, key
 
 
+MOE_OPERATORS = ("topk_softmax", "silu_and_mul", "moe_sum")
+
+
+class FlagOSFusedMoEMethod(UnquantizedFusedMoEMethod):
+    """The experts of an unquantized MoE layer (Mixtral, Qwen3-MoE): router top-k -> `topk_softmax`, the experts'
+    activation over every routed (token, slot) row at once -> `silu_and_mul`, the weighted combine -> `moe_sum`.
+
+    It takes the router logits itself (a monolithic method), so vLLM's router and fused-experts kernel never run;
+    the expert projections are plain matmuls over the rows each expert got. An operator of the three switched off
+    by FLAGOS_OPS is computed here with torch's softmax/top-k, silu and sum (vLLM's CPU path fuses them into its
+    own kernels, which a per-operator switch cannot split)."""
+
+    @property
+    def is_monolithic(self) -> bool:
+        return True
+
+    def process_weights_after_loading(self, layer: RoutedExperts) -> None:
+        FusedMoEMethodBase.process_weights_after_loading(self, layer)  # keeps w13 [E, 2I, H] and w2 [E, H, I] as loaded
+        operators = _operators()
+        unsupported = {
+            "scoring_func": layer.scoring_func != "softmax", "use_grouped_topk": layer.use_grouped_topk,
+            "custom_routing_function": layer.custom_routing_function is not None,
+            "e_score_correction_bias": layer.e_score_correction_bias is not None,
+            "routed_scaling_factor": layer.routed_scaling_factor != 1.0,
+            "apply_router_weight_on_input": layer.apply_router_weight_on_input,
+            "expert_map (expert parallelism)": layer.expert_map is not None, "has_bias": self.moe.has_bias,
+            "activation": getattr(layer.activation, "value", layer.activation) != "silu"}
+        refused = [name for name, differs in unsupported.items() if differs]
+        if refused:
+            raise EngineError(f"topk_softmax, silu_and_mul and moe_sum cannot be bound to this MoE layer: it uses "
+                              f"{', '.join(refused)}, which our MoE binding does not compute; keep them native "
+                              "(FLAGOS_OPS / the chip's native_ops)")
+        for name in MOE_OPERATORS:
+            if operators.enabled(name):
+                operators.bind(name, "vllm FusedMoE (unquantized experts)")
+
+    def apply_monolithic(self, layer: RoutedExperts, x: torch.Tensor, router_logits: torch.Tensor,
+                         input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        operators = _operators()
+        weights, ids = self._route(operators, router_logits, layer.top_k, layer.renormalize)
+        tokens, top_k = ids.shape
+        flat = ids.flatten().long()
+        order = torch.argsort(flat, stable=True)  # (token, slot) rows grouped by expert
+        rows_of = torch.bincount(flat, minlength=layer.w13_weight.shape[0]).tolist()
+        source = x[order // top_k]
+        gate_up = torch.empty(source.shape[0], layer.w13_weight.shape[1], dtype=x.dtype, device=x.device)
+        self._per_expert(rows_of, source, layer.w13_weight, gate_up)
+        if operators.enabled("silu_and_mul"):
+            activated = operators.call("silu_and_mul", _swiglu_input(operators, gate_up))
+        else:
+            gate, up = gate_up.chunk(2, dim=-1)
+            activated = torch.nn.functional.silu(gate) * up
+        down = torch.empty(source.shape[0], layer.w2_weight.shape[1], dtype=x.dtype, device=x.device)
+        self._per_expert(rows_of, activated, layer.w2_weight, down)
+        slots = torch.empty_like(down)
+        slots[order] = down
+        slots = slots.view(tokens, top_k, -1)
+        if operators.enabled("moe_sum"):
+            return operators.call("moe_sum", slots, weights)
+        return (slots * weights.to(slots.dtype)[..., None]).sum(dim=1)
+
+    @staticmethod
+    def _route(operators: Operators, logits: torch.Tensor, top_k: int, renormalize: bool):
+        renormalize = renormalize and operators.fault != MOE_NOT_RENORMALIZED
+        if operators.enabled("topk_softmax"):
+            return operators.call("topk_softmax", logits, top_k, renormalize)
+        weights, ids = torch.topk(torch.softmax(logits.float(), dim=-1), top_k, dim=-1)
+        if renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights, ids.to(torch.int32)
+
+    @staticmethod
+    def _per_expert(rows_of: list[int], inputs: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> None:
+        """out[rows of expert e] = inputs[rows of expert e] @ weight[e]^T, expert by expert (rows grouped by expert)."""
+        start = 0
+        for expert, rows in enumerate(rows_of):
+            if rows:
+                torch.matmul(inputs[start:start + rows], weight[expert].t(), out=out[start:start + rows])
+                start += rows
+
+
 # vLLM layer name -> (our class, the operators it runs)
-LAYERS = {"RMSNorm": FlagOSRMSNorm, "SiluAndMul": FlagOSSiluAndMul, "RotaryEmbedding": FlagOSRotaryEmbedding}
+LAYERS = {"RMSNorm": FlagOSRMSNorm, "SiluAndMul": FlagOSSiluAndMul, "RotaryEmbedding": FlagOSRotaryEmbedding,
+          "UnquantizedFusedMoEMethod": FlagOSFusedMoEMethod}
 LAYER_OPERATORS = {"RMSNorm": ("rms_norm", "fused_add_rms_norm"), "SiluAndMul": ("silu_and_mul",),
-                   "RotaryEmbedding": ("rotary_embedding",)}
+                   "RotaryEmbedding": ("rotary_embedding",), "UnquantizedFusedMoEMethod": MOE_OPERATORS}
 
 
 def needed_layers(enabled: frozenset[str]) -> list[str]:
@@ -131,8 +221,8 @@ def needed_layers(enabled: frozenset[str]) -> list[str]:
 
 def _operators_of_foreign(module: torch.nn.Module) -> tuple[str, ...]:
     """Which of our operators a layer that is not ours computes: RMSNorm variants vLLM does not replace by name
-    (GemmaRMSNorm, gated norms), rotary variants (Llama-3 scaling, YaRN, M-RoPE), and MoE layers, whose router,
-    expert activation and combine we do not bind yet."""
+    (GemmaRMSNorm, gated norms), rotary variants (Llama-3 scaling, YaRN, M-RoPE), and MoE experts run by another
+    method (quantized experts)."""
     if isinstance(module, (FlagOSRMSNorm, FlagOSRotaryEmbedding, FlagOSSiluAndMul)):
         return ()
     name = type(module).__name__
@@ -140,8 +230,8 @@ def _operators_of_foreign(module: torch.nn.Module) -> tuple[str, ...]:
         return ("rms_norm",)
     if isinstance(module, RotaryEmbeddingBase):
         return ("rotary_embedding",)
-    if name == "FusedMoE":
-        return ("topk_softmax", "silu_and_mul", "moe_sum")
+    if isinstance(module, RoutedExperts) and not isinstance(module.quant_method, FlagOSFusedMoEMethod):
+        return MOE_OPERATORS
     return ()
 
 

@@ -25,8 +25,10 @@ OPERATORS = ("rms_norm", "fused_add_rms_norm", "silu_and_mul", "rotary_embedding
 # engine calls them wrongly. Never set in a release; the operator report shows it whenever it is.
 GATE_UP_SWAPPED = "gate-up-swapped"
 NORM_EPS_SCALES = {"norm-eps-x1e4": 1e4, "norm-eps-x100": 1e2}  # gross; mild (invisible to accuracy at 1,000 items)
+MOE_NOT_RENORMALIZED = "moe-not-renormalized"
 FAULTS = {
     GATE_UP_SWAPPED: "the SwiGLU input is passed as [up, gate] instead of [gate, up]",
+    MOE_NOT_RENORMALIZED: "the router's top-k weights are not renormalised to sum to 1 (the model asks for it)",
     **{name: f"RMSNorm is called with the model's epsilon x {scale:g}" for name, scale in NORM_EPS_SCALES.items()},
 }
 

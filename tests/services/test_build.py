@@ -130,7 +130,7 @@ def test_a_kernel_change_means_a_new_fingerprint_and_a_new_image(services: Setti
 def test_a_failing_step_is_named(services: Settings, project_copy: Path):
     template = (project_copy / "templates" / "Dockerfile.j2").read_text()
     (project_copy / "images" / "cpu" / "Dockerfile.j2").write_text(
-        template.replace("COPY kernels/", "RUN echo broken step && exit 3\nCOPY kernels/", 1))
+        template.replace("COPY engine/", "RUN echo broken step && exit 3\nCOPY engine/", 1))
     with pytest.raises(BuildFailed) as caught:
         release(services, "smollm2-cpu", project_copy)
     assert "RUN echo broken step && exit 3" in caught.value.step
@@ -143,7 +143,7 @@ def test_a_chip_whose_base_image_is_unreachable_stops_with_its_context(services:
     message = str(caught.value)
     assert "chip iluvatar: base image 127.0.0.1:5000/vendor/flagtree-iluvatar" in message
     context = Path(message.rsplit("rendered build context is in ", 1)[1])
-    assert (context / "Dockerfile").read_text().startswith("# FlagOS image for GPU chips")
+    assert (context / "Dockerfile").read_text().startswith("# FlagOS image, the same for every chip")
     assert (context / "serve" / "vllm.yaml").exists()
 
 

@@ -198,7 +198,6 @@ def test_a_moved_base_image_tag_is_a_new_fingerprint(registry_settings: Settings
     chip = yaml.safe_load(profile.read_text())
     del chip["base_debootstrap"]
     chip["base_image"] = f"{registry.repository}:moving"
-    chip["serve"]["engine"] = "vllm"  # the engine that runs on a vendor's registry base
     profile.write_text(yaml.safe_dump(chip))
 
     def plan(offline: bool = False):
