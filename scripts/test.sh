@@ -4,5 +4,7 @@
 # e.g. `bash scripts/test.sh -m unit` for the fast tier.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+started=$SECONDS
 bash scripts/setup.sh --with-browser
+echo "test.sh: set-up took $(( (SECONDS - started) / 60 )) min $(( (SECONDS - started) % 60 )) s"
 exec .venv/bin/python -m pytest "$@"

@@ -45,6 +45,24 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(getattr(pytest.mark, TIER_BY_FOLDER[folder]))
 
 
+TIER_SECONDS: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Add each phase's time (setup, call, teardown) to its test's tier."""
+    tier = next((name for name in ("unit", "services", "e2e", "faults") if name in report.keywords), "other")
+    TIER_SECONDS[tier] = TIER_SECONDS.get(tier, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """One line at the end with each tier's time, so a slow tier shows in every CI log."""
+    if TIER_SECONDS:
+        minutes = lambda seconds: f"{seconds / 60:.1f} min"  # noqa: E731
+        terminalreporter.write_line("tier times: " + ", ".join(
+            f"{tier} {minutes(seconds)}" for tier, seconds in TIER_SECONDS.items()) +
+            f"; all tests {minutes(sum(TIER_SECONDS.values()))}")
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     shutil.rmtree(_PREFECT_HOME, ignore_errors=True)
 
