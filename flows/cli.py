@@ -81,9 +81,10 @@ def _parser() -> argparse.ArgumentParser:
     cmd.add_argument("--replace", action="store_true", help="record it again over an existing lock")
     cmd.set_defaults(handler=_lock)
 
-    cmd = commands.add_parser("run", help="run a release through its Prefect deployment and wait for the result")
+    cmd = commands.add_parser("run", help="run a release through its Prefect deployment, showing its stages as they go")
     cmd.add_argument("release")
     cmd.add_argument("--timeout", type=int, default=3600, help="seconds to wait for the run (default 3600)")
+    cmd.add_argument("--quiet", action="store_true", help="print only the final summary, not the run as it happens")
     cmd.set_defaults(handler=_run)
 
     cmd = commands.add_parser("serve", help="serve every deployment from this process (foreground)")
@@ -215,12 +216,17 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     from prefect.deployments import run_deployment
     from prefect.exceptions import ObjectNotFound
 
+    from flows.progress import follow_run
+
     try:
-        run = run_deployment(f"release/{args.release}", timeout=args.timeout, poll_interval=2)
+        run = run_deployment(f"release/{args.release}", timeout=0)  # returns once created; followed below
     except ObjectNotFound:
         raise ServiceUnavailable("deployment release/" + args.release, "it is not registered with the Prefect server",
                                  "flagrelease services up deployments") from None
     url = f"{settings.prefect_ui_url}/runs/flow-run/{run.id}"
+    if not args.quiet:
+        console.print(f"release/{args.release}: flow run {url}", highlight=False)
+    run = follow_run(run.id, args.timeout, None if args.quiet else console)
     state = run.state.name if run.state else "unknown"
     outputs = sorted((settings.releases_dir / args.release).glob("*/plan.json"), key=lambda p: p.stat().st_mtime)
     console.print(f"release/{args.release}: {state}\nflow run   {url}\nPrefect UI {settings.prefect_ui_url}", highlight=False)

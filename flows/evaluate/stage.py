@@ -445,7 +445,9 @@ def _results(evaluation: Evaluation, stacks: Stacks, source: StackSource, stack:
             check_switch(role, before)
         log(f"{key.benchmark}: asking the {role} stack {len(items)} items x {len(missing)} repeat(s)")
         asked = ask_stack(url, evaluation.plan.model.served_name, items, definition, repeats=missing,
-                          concurrency=evaluation.concurrency)
+                          concurrency=evaluation.concurrency,
+                          progress=lambda done, total, rate: log(f"{key.benchmark}: {role} stack {done}/{total} items, "
+                                                                 f"{rate:.1f} items/s"))
         errors = [r for r in asked if r.error]
         if errors:
             raise StackFailed(f"{key.benchmark}: {len(errors)} of {len(asked)} request(s) to the {role} "

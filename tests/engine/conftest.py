@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
+
 from flows.build.cache import cache_root
 from flows.build.wheels import ENGINE_VENV
 from flows.evaluate.local import PROJECT_DIR, free_port, local_engine, wait_ready
@@ -32,14 +34,31 @@ def engine_server(gguf: Path, environment: dict[str, str]) -> Iterator[str]:
         yield url
 
 
+def converted(gguf: Path, link: Path) -> Path:
+    """The GGUF as the safetensors folder vLLM loads (converted once per machine by engine.checkpoint), at `link`."""
+    engine_bin = PROJECT_DIR / ENGINE_VENV / "bin"
+    subprocess.run([str(engine_bin / "python"), "-m", "engine.checkpoint", str(gguf.parent), str(ENGINE_CACHE / "checkpoints"),
+                    str(link), "--gguf-file", gguf.name], cwd=PROJECT_DIR, check=True, capture_output=True,
+                   env={**os.environ, "PYTHONPATH": str(PROJECT_DIR)})
+    return link
+
+
+@pytest.fixture(scope="session")
+def moe_checkpoint(smollm2_gguf: Path) -> Path:  # noqa: F811  (the fixture above)
+    """SmolLM2 up-cycled into a 4-expert top-2 Mixtral (engine.upcycle's default recipe), once per machine."""
+    from engine.upcycle import Recipe, upcycle
+
+    folder = ENGINE_CACHE / "upcycled" / f"smollm2-moe-{Recipe().experts}x{Recipe().top_k}-seed{Recipe().seed}"
+    if not folder.exists():
+        upcycle(converted(smollm2_gguf, ENGINE_CACHE / "serving" / "dense-for-upcycle").resolve(), folder, Recipe())
+    return folder
+
+
 @contextmanager
 def plain_vllm(gguf: Path) -> Iterator[str]:
     """`vllm serve` of the same weights with no route of ours: an engine that serves no operator report."""
     engine_bin = PROJECT_DIR / ENGINE_VENV / "bin"
-    link = ENGINE_CACHE / "serving" / "plain-vllm"
-    subprocess.run([str(engine_bin / "python"), "-m", "engine.checkpoint", str(gguf.parent), str(ENGINE_CACHE / "checkpoints"),
-                    str(link), "--gguf-file", gguf.name], cwd=PROJECT_DIR, check=True, capture_output=True,
-                   env={**os.environ, "PYTHONPATH": str(PROJECT_DIR)})
+    link = converted(gguf, ENGINE_CACHE / "serving" / "plain-vllm")
     port = free_port()
     log = tempfile.NamedTemporaryFile(prefix="plain-vllm-", suffix=".log", delete=False)
     process = subprocess.Popen([str(engine_bin / "vllm"), "serve", str(link), "--served-model-name", SERVED_NAME,

@@ -58,11 +58,12 @@ def test_plan_writes_the_plan_and_prints_the_fingerprint(state: dict[str, str]):
 
 
 def test_run_without_a_prefect_server_says_how_to_start_it(state: dict[str, str]):
-    result = flagrelease("run", "smollm2-cpu", env=state)
-    assert result.returncode == 1
-    assert "Prefect server is not available" in result.stderr
-    assert "flagrelease services up" in result.stderr
-    assert "Traceback" not in result.stderr
+    for quiet in ([], ["--quiet"]):
+        result = flagrelease("run", "smollm2-cpu", *quiet, env=state)
+        assert result.returncode == 1
+        assert "Prefect server is not available" in result.stderr
+        assert "flagrelease services up" in result.stderr
+        assert "Traceback" not in result.stderr
 
 
 def test_bad_setting_is_named(state: dict[str, str]):
