@@ -100,6 +100,8 @@ class Benchmark(Strict):
     max_identical_drop_pp: float | None = Field(default=None, gt=0, le=100, description="gate the finer signal: "
                                                 "FAIL when the share of replies identical to native falls this many "
                                                 "points below native vs native (off until calibrated)")
+    token_gate: bool = Field(default=True, description="gate the token-level signal (both stacks score the native "
+                             "reply with prompt logprobs) on the chip's calibrated token_gate thresholds")
     gated: bool = True
 
     @model_validator(mode="after")
@@ -221,6 +223,17 @@ class ServeSpec(Strict):
         return {**self.flagos_env, OPS_VARIABLE: ",".join(op for op in OPERATORS if op not in self.native_ops)}
 
 
+class TokenThresholds(Strict):
+    """A chip's token-level gate for the dtype it serves, with the calibration that chose it."""
+
+    dtype: Text = Field(description="the serve dtype these thresholds were calibrated for")
+    min_top1: float = Field(gt=0, le=1, description="least share of scored tokens whose top-1 both stacks agree on")
+    max_mean_abs_delta: float = Field(gt=0, description="largest mean |logprob difference| of the scored tokens")
+    max_mean_kl: float = Field(gt=0, description="largest mean per-token KL estimate over the native top-k")
+    calibration: Annotated[str, StringConstraints(min_length=20)] = Field(
+        description="the runs, numbers and date that chose these thresholds")
+
+
 class DebootstrapRecipe(Strict):
     """A base image made here from Debian packages instead of pulled."""
 
@@ -243,12 +256,17 @@ class ChipProfile(Strict):
     triton: TritonSpec
     versions: dict[Name, Text]
     serve: ServeSpec
+    token_gate: TokenThresholds | None = Field(default=None, description="thresholds of the token-level gate for "
+                                                "serve.dtype (a suite benchmark with token_gate on needs them)")
     docker_run_flags: list[Annotated[str, StringConstraints(pattern=r"^-\S+$")]]
 
     @model_validator(mode="after")
     def _one_base(self) -> "ChipProfile":
         if (self.base_image is None) == (self.base_debootstrap is None):
             raise ValueError("set exactly one of base_image (a registry reference) or base_debootstrap (a recipe)")
+        if self.token_gate is not None and self.token_gate.dtype != self.serve.dtype:
+            raise ValueError(f"token_gate.dtype is {self.token_gate.dtype!r} but the chip serves serve.dtype "
+                             f"{self.serve.dtype!r}: calibrate the thresholds for the dtype served")
         return self
 
     @field_validator("docker_run_flags")
@@ -283,7 +301,7 @@ def load_matrix(path: Path, images_dir: Path | None = None) -> ReleaseMatrix:
     doc = _read(path)
     spec = _validate(doc, MatrixSpec)
     chips = {name: load_chip(images_dir / name / "chip.yaml", expected_name=name) for name in spec.chips}
-    problems = _cross_reference_problems(spec)
+    problems = _cross_reference_problems(spec) + _token_gate_problems(spec, chips)
     if problems:
         raise MatrixError(str(path), [_format(doc, loc, msg) for loc, msg in problems])
     return ReleaseMatrix(path=path, images_dir=images_dir, spec=spec, chips=chips)
@@ -371,6 +389,22 @@ def reference_waves(spec: MatrixSpec, names: list[str]) -> list[list[str]]:
     first = [name for name in names if spec.releases[name].reference not in names]
     rest = [name for name in names if name not in first]
     return [first, rest] if rest else [first]
+
+
+def _token_gate_problems(spec: MatrixSpec, chips: dict[str, ChipProfile]) -> list[tuple[tuple[Any, ...], str]]:
+    """A benchmark that gates the token signal needs the chip's calibrated thresholds for the dtype it serves."""
+    problems = []
+    for name, rel in spec.releases.items():
+        chip, suite = chips.get(rel.chip), spec.suites.get(rel.suite)
+        if chip is None or suite is None or chip.token_gate is not None:
+            continue
+        for benchmark, settings in suite.benchmarks.items():
+            if settings.token_gate:
+                problems.append((("suites", rel.suite, "benchmarks", benchmark, "token_gate"),
+                                 f"is on, but release {name!r} runs on chip {rel.chip!r}, whose images/{rel.chip}/"
+                                 f"chip.yaml has no token_gate thresholds for serve.dtype {chip.serve.dtype!r}: "
+                                 "calibrate them (BENCHMARKS.md) or set token_gate: false here"))
+    return problems
 
 
 def _cross_reference_problems(spec: MatrixSpec) -> list[tuple[tuple[Any, ...], str]]:

@@ -26,6 +26,8 @@ MODEL_MOUNT = "/models"  # weights are mounted read-only here at run time, never
 CACHE_MOUNT = "/var/cache/flagos"  # the engine's writable cache (a GGUF's one-time conversion), a volume at run time
 SERVE_CONFIG = "vllm.yaml"  # FlagScale's serve configuration, rendered from templates/serve/vllm.yaml.j2
 IMAGE_SOURCES = {"kernels": ("*.py",), "engine": ("*.py",)}  # copied into the image, folder by folder
+SPLIT_LAYERS = Path(__file__).with_name("split_layers.py")  # runs in the environment stage, beside the wheels
+ENVIRONMENT_LAYERS = 3  # the installed wheels as this many layers of about equal size (pushed side by side)
 CLAIMS = "claims.json"  # the chip profile's `versions`, checked inside the image by engine/claims.py
 BACKEND_ENV = {"interpreter": {"TRITON_INTERPRET": "1"}}  # image environment per Triton backend
 SERVE_NAMES = {"Qwen3MoeForCausalLM": "qwen3", "llama": "llama"}  # FlagScale's example name per architecture
@@ -67,6 +69,7 @@ def render_dockerfile(plan: Plan, base_image: str, project_dir: Path, wheels: bo
     return render(folder, name, base_image=base_image, chip=plan.chip.name, flagos_home=FLAGOS_HOME,
                   triton_cache=TRITON_CACHE, aot_targets=plan.chip.triton.aot_targets, serve_port=plan.chip.serve.port,
                   serve_config=SERVE_CONFIG, serve_name=serve_name(plan), wheels=wheels,
+                  split_layers=SPLIT_LAYERS.name, environment_layers=ENVIRONMENT_LAYERS,
                   image_env=BACKEND_ENV.get(plan.chip.triton.backend, {"TRITON_CACHE_DIR": TRITON_CACHE}))
 
 
@@ -137,6 +140,7 @@ def assemble_context(plan: Plan, kernels: KernelArtifacts, base_image: str, whee
         name, version = wheel.name.split("-")[:2]
         requirements.append(f"{name}=={version} --hash=sha256:{sha256_file(wheel)}")
     (dest / "wheels" / "requirements.txt").write_text("\n".join(requirements) + "\n")
+    shutil.copyfile(SPLIT_LAYERS, dest / "wheels" / SPLIT_LAYERS.name)
     for folder, patterns in IMAGE_SOURCES.items():
         (dest / folder).mkdir()
         for pattern in patterns:

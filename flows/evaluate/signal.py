@@ -4,8 +4,7 @@ change a GPU's reductions).
 
 A mild integration bug can leave accuracy unchanged at 1,000 items while the share of identical replies falls
 (measured on the H200: epsilon x 100 in RMSNorm). Positions are in words and punctuation marks, since the OpenAI
-API returns text, not token ids. Token log-probabilities would allow top-1 agreement and KL divergence; the
-engine (vLLM) serves them, and scoring them is the next issue's work, so they are reported as not measured yet.
+API returns text, not token ids; the token-level signal (flows/evaluate/logprobs.py) compares log-probabilities.
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ from pydantic import BaseModel, ConfigDict
 from flows.evaluate.gate import Verdict, mcnemar_exact
 
 WORD = re.compile(r"\w+|[^\w\s]")
-LOGPROBS = "not measured: the evaluation does not ask for logprobs yet, so top-1 agreement and KL divergence are not reported"
 
 
 class Agreement(BaseModel):
@@ -36,7 +34,6 @@ class Signal(BaseModel):
     flagos: Agreement  # FlagOS against native
     baseline: Agreement | None  # native against native (None: no second native run here)
     p_value: float | None = None  # exact McNemar: identical to native on one comparison but not the other, per reply
-    logprobs: str = LOGPROBS
     max_identical_drop_pp: float | None = None  # the suite's gate on it; None: reported, not gated
     verdict: Verdict | None = None
 

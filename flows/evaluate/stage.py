@@ -28,6 +28,8 @@ from flows.evaluate.client import ItemResult, ask_stack
 from flows.evaluate.container import ServeRequest, served
 from flows.evaluate.bisect import Diagnosis, bisect_culprits
 from flows.evaluate.gate import BenchmarkGate, Verdict, gate_results, holm, item_means, repeat_schedule, suite_verdict
+from flows.evaluate.logprobs import (ItemScores, NotScored, TokenSignal, score_replies, token_signal,
+                                     token_signal_not_measured)
 from flows.evaluate.operators import OperatorUse, StackRefused, check_switch, operator_report, served_identity, usage
 from flows.evaluate.perf import PerfPoint, measure_serving
 from flows.evaluate.signal import Signal, consistency_signal
@@ -63,6 +65,7 @@ class BenchmarkOutcome(BaseModel):
     operators: dict[str, OperatorUse] = {}  # role -> what its engine ran while answering this benchmark
     stacks: dict[str, str] = {}  # role -> what answered (image digest + environment, or what the endpoint serves)
     signal: Signal | None = None  # identical replies and where they part, beside native vs native
+    tokens: TokenSignal | None = None  # both stacks scoring the native replies token by token, beside native vs native
     diagnosis: Diagnosis | None = None  # the culprit bisection of a FAIL
 
     @property
@@ -71,10 +74,10 @@ class BenchmarkOutcome(BaseModel):
         (a PASS becomes INCONCLUSIVE)."""
         if self.gate is None:
             return Verdict.INCONCLUSIVE
-        signal = self.signal.verdict if self.signal else None
-        if signal == Verdict.FAIL:
+        finer = [self.signal.verdict if self.signal else None, self.tokens.verdict if self.tokens else None]
+        if Verdict.FAIL in finer:
             return Verdict.FAIL
-        if signal == Verdict.INCONCLUSIVE and self.gate.verdict == Verdict.PASS:
+        if Verdict.INCONCLUSIVE in finer and self.gate.verdict == Verdict.PASS:
             return Verdict.INCONCLUSIVE
         return self.gate.verdict
 
@@ -87,8 +90,13 @@ class BenchmarkOutcome(BaseModel):
         if self.signal is not None and self.signal.verdict == Verdict.FAIL:
             return (f"identical replies fell {self.signal.identical_drop * 100:.1f} pp below native vs native "
                     f"(the suite allows {self.signal.max_identical_drop_pp} pp)")
+        if self.tokens is not None and self.tokens.verdict == Verdict.FAIL:
+            return (f"token by token FlagOS departs from native beyond the chip's calibrated token_gate: "
+                    f"{'; '.join(self.tokens.exceeded())}")
         if self.signal is not None and self.signal.verdict == Verdict.INCONCLUSIVE and gate.verdict == Verdict.PASS:
             return "the suite gates identical replies, but no native-vs-native baseline was run"
+        if self.tokens is not None and self.tokens.verdict == Verdict.INCONCLUSIVE and gate.verdict == Verdict.PASS:
+            return f"the token-level gate is on, but the signal was not measured: {self.tokens.not_measured}"
         if gate.verdict == Verdict.FAIL:
             found = ""
             if self.diagnosis is not None:
@@ -347,6 +355,8 @@ def _evaluate_one(evaluation: Evaluation, stacks: Stacks, name: str, benchmark: 
             candidate_stack = stacks.stack(evaluation.candidate)
             reference, reference_use, reference_stack, native_again = _reference_results(
                 evaluation, stacks, candidate_stack, key, items, definition, repeats, log)
+            scorer = _TokenScorer(evaluation, stacks, key, items, reference, log)
+            scorer.score_native(reference_stack)
             candidate, candidate_use = _results(evaluation, stacks, evaluation.candidate, candidate_stack, key, items,
                                                 definition, repeats, log)
         except (ReferenceUnavailable, StackFailed, StackRefused) as exc:
@@ -371,9 +381,10 @@ def _evaluate_one(evaluation: Evaluation, stacks: Stacks, name: str, benchmark: 
     baseline = (f"{signal.baseline.identical:.1%} native vs native" if signal.baseline else "no native-vs-native run")
     log(f"{name}: identical replies {signal.flagos.identical:.1%} FlagOS vs native ({baseline})"
         + (f" -> {signal.verdict.value}" if signal.verdict else ""))
+    tokens = scorer.signal(candidate_stack, evaluation.plan.chip.token_gate if benchmark.token_gate else None)
     uses = {role: use for role, use in (("native", reference_use), ("flagos", candidate_use)) if use is not None}
     outcome = BenchmarkOutcome(benchmark=name, gated=benchmark.gated, repeats=repeats, gate=gate, note=note,
-                               operators=uses, signal=signal,
+                               operators=uses, signal=signal, tokens=tokens,
                                stacks={"native": reference_stack.served_by, "flagos": candidate_stack.served_by})
     return outcome, Evidence(key=key, items=items, definition=definition, repeats=repeats, reference=reference,
                              candidate=candidate, candidate_use=candidate_use, requests=stacks.asked - asked_before,
@@ -381,6 +392,59 @@ def _evaluate_one(evaluation: Evaluation, stacks: Stacks, name: str, benchmark: 
 
 
 Answers = tuple[list[ItemResult], OperatorUse | None]
+
+
+class _TokenScorer:
+    """One benchmark's token-level signal: the native replies (repeat 0) scored on the native stack twice while it
+    is served, then on the FlagOS stack; each scoring stored beside the answers, so a re-run asks nothing again."""
+
+    def __init__(self, evaluation: Evaluation, stacks: Stacks, key: ResultKey, items: list[Item],
+                 reference: list[ItemResult], log: Callable[[str], None]):
+        self.evaluation, self.stacks, self.key, self.log = evaluation, stacks, key, log
+        self.replies = {r.id: r.response for r in reference if r.repeat == 0 and r.error is None}
+        self.items = [item for item in items if item.id in self.replies]
+        self.native: tuple[list[ItemScores], list[ItemScores]] | None = None
+        self.problem: str | None = None if evaluation.reference is not None else (
+            "the native stack is not served here (stored results of another release), so nothing scores the "
+            "replies on it")
+
+    def _scores(self, source: StackSource, stack: Stack) -> list[ItemScores]:
+        stored = self.evaluation.store.load_scores(self.key, stack, self.replies)
+        if stored is not None:
+            return stored
+        self.log(f"{self.key.benchmark}: the {source.stack.role} stack scores {len(self.items)} native replies "
+                 "token by token (prompt logprobs)")
+        scores = score_replies(self.stacks.url(source), self.evaluation.plan.model.served_name, self.items,
+                               self.replies, concurrency=self.evaluation.concurrency)
+        self.evaluation.store.save_scores(self.key, stack, self.replies, scores)
+        return scores
+
+    def score_native(self, stack: Stack) -> None:
+        if self.problem is not None or self.native is not None:
+            return
+        try:
+            self.native = (self._scores(self.evaluation.reference, stack),
+                           self._scores(self.evaluation.reference, _second_run(stack)))
+        except NotScored as exc:
+            self.problem = f"the native stack returned no token scores: {exc}"
+
+    def signal(self, candidate: Stack, thresholds) -> TokenSignal:
+        if self.problem is None and self.native is not None:
+            try:
+                flagos = self._scores(self.evaluation.candidate, candidate)
+            except NotScored as exc:
+                self.problem = f"the FlagOS stack returned no token scores: {exc}"
+            else:
+                signal = token_signal(self.native[0], flagos, self.native[1], thresholds)
+                seen, floor = signal.flagos, signal.baseline
+                self.log(f"{self.key.benchmark}: token by token over {seen.positions} scored tokens: top-1 agreement "
+                         f"{seen.top1:.4f} FlagOS vs native ({floor.top1:.4f} native vs native), mean |delta logprob| "
+                         f"{seen.mean_abs_delta:.3g} ({floor.mean_abs_delta:.3g}), mean KL {seen.mean_kl:.3g} "
+                         f"({floor.mean_kl:.3g})" + (f" -> {signal.verdict.value}" if signal.verdict else ""))
+                return signal
+        reason = self.problem or "the native stack was not scored"
+        self.log(f"{self.key.benchmark}: token-level signal not measured: {reason}")
+        return token_signal_not_measured(reason, thresholds)
 
 
 def _refuse_same(reference: Stack, candidate: Stack) -> None:

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict
 
 from flows.errors import FlagReleaseError
 from flows.evaluate.client import ItemResult, read_results, write_results
+from flows.evaluate.logprobs import ItemScores, text_hash
 from flows.evaluate.operators import OperatorUse
 from flows.evaluate.perf import PerfPoint
 from flows.files import write_atomic, write_model
@@ -125,6 +126,20 @@ class ResultStore:
             if results is not None:
                 sets.append((self._record(record_path.with_suffix("")), results))
         return sets
+
+    def _scores_path(self, key: ResultKey, stack: Stack, replies: dict[str, str]) -> Path:
+        """Keyed by what was scored: the benchmark's key, the stack, and every (item, reply) text."""
+        texts = hashlib.sha256("\n".join(f"{i}:{text_hash('', r)}" for i, r in sorted(replies.items())).encode())
+        return self._folder(key) / "scores" / f"{key.digest}-{stack.digest}-{texts.hexdigest()[:16]}.jsonl"
+
+    def save_scores(self, key: ResultKey, stack: Stack, replies: dict[str, str], scores: list[ItemScores]) -> Path:
+        return write_atomic(self._scores_path(key, stack, replies), "".join(s.model_dump_json() + "\n" for s in scores))
+
+    def load_scores(self, key: ResultKey, stack: Stack, replies: dict[str, str]) -> list[ItemScores] | None:
+        path = self._scores_path(key, stack, replies)
+        if not path.exists():
+            return None
+        return [ItemScores.model_validate_json(line) for line in path.read_text().splitlines() if line.strip()]
 
     def save_perf(self, stack: Stack, points: list[PerfPoint]) -> Path:
         return write_atomic(self.root / "perf" / f"{stack.digest}.json",

@@ -69,6 +69,7 @@ class CardData(BaseModel):
     reference_column: str
     scores: list[ScoreRow]
     consistency_claim: str
+    token_summary: str
     operators: list[str]
     operator_summary: str
     image_contents: str
@@ -141,6 +142,28 @@ def client_snippet(base_url: str, served_name: str) -> str:
         ")",
         "print(response.choices[0].message.content)",
     ])
+
+
+def token_summary(report: EvaluationReport) -> str:
+    """Per benchmark: the token-level numbers beside native against itself, and whether they were gated."""
+    parts = []
+    for outcome in report.outcomes:
+        tokens = outcome.tokens
+        if tokens is None:
+            continue
+        if tokens.flagos is None:
+            parts.append(f"{outcome.benchmark}: not measured ({tokens.not_measured})")
+            continue
+        seen, floor = tokens.flagos, tokens.baseline
+        gated = (f"gated at top-1 >= {tokens.thresholds.min_top1}, mean |delta| <= {tokens.thresholds.max_mean_abs_delta},"
+                 f" mean KL <= {tokens.thresholds.max_mean_kl}: {tokens.verdict.value}" if tokens.thresholds
+                 else "reported, not gated")
+        parts.append(f"{outcome.benchmark}: over {seen.positions} scored tokens of the native replies, top-1 agreement "
+                     f"{seen.top1:.4f}, mean |delta logprob| {seen.mean_abs_delta:.3g} (p99 {seen.p99_abs_delta:.3g}), "
+                     f"mean KL {seen.mean_kl:.3g}"
+                     + (f"; native against itself {floor.top1:.4f}, {floor.mean_abs_delta:.3g}, {floor.mean_kl:.3g}"
+                        if floor else "") + f"; {gated}")
+    return "; ".join(parts) or "not measured"
 
 
 def score_rows(report: EvaluationReport) -> list[ScoreRow]:
@@ -263,7 +286,7 @@ def card_data(plan: Plan, image: ImageRef, image_config: dict, report: Evaluatio
                          if plan.reference == NATIVE_REFERENCE else
                          f"{plan.model.display_name} on the native {reference_vendor} stack"),
         reference_column=f"{plan.model.display_name}-{reference_vendor}-native",
-        scores=score_rows(report), consistency_claim=consistency_claim(report),
+        scores=score_rows(report), consistency_claim=consistency_claim(report), token_summary=token_summary(report),
         operators=operator_names or ["none recorded"],
         image_contents=(f"{serving} with PyTorch {versions.get('torch', 'unknown')}, Triton "
                         f"{versions.get('triton', 'unknown')} and our Triton kernels, switched on by USE_FLAGGEMS=1"),

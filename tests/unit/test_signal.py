@@ -36,5 +36,4 @@ def test_the_signal_is_reported_against_the_baseline_and_gated_only_when_the_sui
     assert consistency_signal(native, drifted, again, 10.0).verdict == Verdict.FAIL
     assert consistency_signal(native, drifted, again, 20.0).verdict == Verdict.PASS
     assert consistency_signal(native, drifted, None, 20.0).verdict == Verdict.INCONCLUSIVE
-    assert reported.logprobs.startswith("not measured")
     assert reported.p_value < 1e-3  # 18 replies differ from native only on the FlagOS side, none only on the baseline
