@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import tempfile
 from collections.abc import Iterator
@@ -44,6 +45,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if folder in TIER_BY_FOLDER:
             item.add_marker(getattr(pytest.mark, TIER_BY_FOLDER[folder]))
 
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+# A terminated test run (a CI timeout, `kill`) ends like Ctrl-C: pytest runs the fixtures' finalizers, so the
+# engines, containers and services the tests started are stopped, not left running.
+signal.signal(signal.SIGTERM, _interrupt)
 
 TIER_SECONDS: dict[str, float] = {}
 

@@ -157,3 +157,28 @@ def test_a_version_claim_the_environment_does_not_hold_is_named():
     assert unmet({"pydantic": "2.14.4", "torch": "2.13.0"}) == []  # a local build label (+cpu) holds its release
     assert unmet({"pydantic": "2.14.5", "flaggems": "5.0.2"}) == ["flaggems 5.0.2 claimed, not installed found",
                                                                  "pydantic 2.14.5 claimed, 2.14.4 found"]
+
+
+def test_the_installed_environment_splits_into_balanced_layers_that_hold_every_file_once(tmp_path: Path):
+    """flows/build/split_layers.py as the image build runs it: every file lands in exactly one layer at its own
+    path, a package stays whole, and the layers' sizes are about equal."""
+    root = tmp_path / "environment"
+    packages = root / "usr/local/lib/python3.11/dist-packages"
+    sizes = {"torch": 9000, "triton": 8000, "vllm": 6000, "numpy": 3000, "six.py": 100}
+    for name, size in sizes.items():
+        path = packages / name / "sub" / "data.bin" if "." not in name else packages / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x" * size)
+    (root / "usr/local/bin").mkdir(parents=True)
+    (root / "usr/local/bin/vllm").write_text("#!/usr/bin/python3\n")
+    before = {p.relative_to(root) for p in root.rglob("*") if p.is_file()}
+    out = tmp_path / "layers"
+    done = subprocess.run([sys.executable, str(PROJECT_DIR / "flows/build/split_layers.py"), str(root), str(out), "3"],
+                          capture_output=True, text=True, check=True)
+    layers = [{p.relative_to(out / str(i)) for p in (out / str(i)).rglob("*") if p.is_file()} for i in range(3)]
+    assert sorted(before) == sorted(path for layer in layers for path in layer)  # every file once, path kept
+    for name in ("torch", "triton", "vllm", "numpy"):  # each package whole in one layer
+        assert sum(any(p.parts[5:6] == (name,) for p in layer) for layer in layers) == 1
+    totals = [sum((out / str(i) / p).stat().st_size for p in layer) for i, layer in enumerate(layers)]
+    assert max(totals) <= 9100 and min(totals) >= 6000, totals  # greedy: torch | triton | vllm + numpy + the rest
+    assert "environment layers (MB)" in done.stdout
