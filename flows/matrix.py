@@ -102,6 +102,9 @@ class Benchmark(Strict):
                                                 "points below native vs native (off until calibrated)")
     token_gate: bool = Field(default=True, description="gate the token-level signal (both stacks score the native "
                              "reply with prompt logprobs) on the chip's calibrated token_gate thresholds")
+    token_items: int = Field(default=64, ge=1, description="how many items (the first ones) both stacks score token "
+                             "by token: one prefill over the whole prompt per item and stack, so it costs about as "
+                             "much as asking them")
     gated: bool = True
 
     @model_validator(mode="after")

@@ -355,7 +355,7 @@ def _evaluate_one(evaluation: Evaluation, stacks: Stacks, name: str, benchmark: 
             candidate_stack = stacks.stack(evaluation.candidate)
             reference, reference_use, reference_stack, native_again = _reference_results(
                 evaluation, stacks, candidate_stack, key, items, definition, repeats, log)
-            scorer = _TokenScorer(evaluation, stacks, key, items, reference, log)
+            scorer = _TokenScorer(evaluation, stacks, key, items[:benchmark.token_items], reference, log)
             scorer.score_native(reference_stack)
             candidate, candidate_use = _results(evaluation, stacks, evaluation.candidate, candidate_stack, key, items,
                                                 definition, repeats, log)
@@ -395,8 +395,9 @@ Answers = tuple[list[ItemResult], OperatorUse | None]
 
 
 class _TokenScorer:
-    """One benchmark's token-level signal: the native replies (repeat 0) scored on the native stack twice while it
-    is served, then on the FlagOS stack; each scoring stored beside the answers, so a re-run asks nothing again."""
+    """One benchmark's token-level signal: the native replies (repeat 0) to the first `token_items` items scored on
+    the native stack twice while it is served, then on the FlagOS stack; each scoring stored beside the answers, so
+    a re-run asks nothing again."""
 
     def __init__(self, evaluation: Evaluation, stacks: Stacks, key: ResultKey, items: list[Item],
                  reference: list[ItemResult], log: Callable[[str], None]):

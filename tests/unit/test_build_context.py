@@ -110,7 +110,7 @@ def test_serve_configurations_carry_the_served_name_port_and_mounted_weights():
         "python3 -m engine.checkpoint /models /var/cache/flagos/checkpoints /var/cache/flagos/serving/smollm2-135m-flagos"
         " --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf")
     assert engine["model"] == "/var/cache/flagos/serving/smollm2-135m-flagos"
-    assert document["experiment"]["envs"] == {"VLLM_CPU_KVCACHE_SPACE": "2"}
+    assert document["experiment"]["envs"] == {"VLLM_CPU_KVCACHE_SPACE": "2", "TORCHDYNAMO_DISABLE": "1"}
     document = yaml.safe_load(render_serve_config(plan_of("qwen3-iluvatar"), PROJECT_DIR))
     engine = document["serve"][0]["engine_args"]
     assert engine["served_model_name"] == "qwen3-30b-a3b-flagos" and engine["port"] == 8000
