@@ -10,6 +10,7 @@ import pytest
 from flows.evaluate.benchmarks import load_definitions, load_items
 from flows.evaluate.client import ask_stack, read_results, write_results
 from flows.evaluate.gate import GateError, Verdict, gate_results, holm
+from flows.settings import Settings
 from tests.conftest import PROJECT_DIR, free_port
 from tests.engine.conftest import SERVED_NAME, engine_server
 
@@ -70,11 +71,12 @@ def test_the_flagos_stack_passes_and_a_broken_integration_fails(native: str, smo
     (our kernels under Triton's interpreter) against native must PASS; the same kernels fed [up, gate]
     (FLAGOS_FAULT=gate-up-swapped) must FAIL. One engine at a time (2 cores)."""
     items = load_items("arithmetic", ARITHMETIC, limit=200)
-    answers = {"native": ask_stack(native, SERVED_NAME, items, ARITHMETIC)}
+    in_flight = Settings().eval_concurrency  # as the evaluate stage asks: vLLM batches them into one step
+    answers = {"native": ask_stack(native, SERVED_NAME, items, ARITHMETIC, concurrency=in_flight)}
     for name, environment in (("flagos", {"USE_FLAGGEMS": "1"}),
                               ("swapped", {"USE_FLAGGEMS": "1", "FLAGOS_FAULT": "gate-up-swapped"})):
         with engine_server(smollm2_gguf, environment) as url:
-            answers[name] = ask_stack(url, SERVED_NAME, items, ARITHMETIC)
+            answers[name] = ask_stack(url, SERVED_NAME, items, ARITHMETIC, concurrency=in_flight)
     gates = holm([gate_results(name, answers["native"], answers[name], 3.0) for name in ("flagos", "swapped")])
     for gate in gates:
         print(f"{gate.benchmark}: native {gate.native_accuracy:.3f} flagos {gate.flagos_accuracy:.3f} drop "
