@@ -67,10 +67,10 @@ def test_results_asked_with_other_prompts_are_refused(native: str):
 
 @pytest.mark.e2e
 def test_the_flagos_stack_passes_and_a_broken_integration_fails(native: str, smollm2_gguf: Path):
-    """The cpu suite's 200 arithmetic items and 3 pp margin, Holm across the two comparisons: the FlagOS stack
+    """The cpu suite's 100 arithmetic items and 3 pp margin, Holm across the two comparisons: the FlagOS stack
     (our kernels under Triton's interpreter) against native must PASS; the same kernels fed [up, gate]
     (FLAGOS_FAULT=gate-up-swapped) must FAIL. One engine at a time (2 cores)."""
-    items = load_items("arithmetic", ARITHMETIC, limit=200)
+    items = load_items("arithmetic", ARITHMETIC, limit=100)
     in_flight = Settings().eval_concurrency  # as the evaluate stage asks: vLLM batches them into one step
     answers = {"native": ask_stack(native, SERVED_NAME, items, ARITHMETIC, concurrency=in_flight)}
     for name, environment in (("flagos", {"USE_FLAGGEMS": "1"}),
