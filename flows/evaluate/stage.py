@@ -286,21 +286,28 @@ def evaluate(evaluation: Evaluation, client: docker.DockerClient | None, log: Ca
     outcomes: list[BenchmarkOutcome] = []
     evidence: dict[str, Evidence] = {}
     perf: dict[str, list[PerfPoint]] = {}
+    measured: set[str] = set()
+
+    def measure_perf(source: StackSource | None) -> None:
+        """Once per stack, while it is served if possible (a container start costs most of a minute here)."""
+        if source is None or source.stack.role in measured:
+            return
+        measured.add(source.stack.role)
+        try:
+            perf[source.stack.role] = _perf(evaluation, stacks, source, log)
+        except StackRefused as exc:
+            log(f"serving performance of the {source.stack.role} stack not measured: {exc}")
+
     try:
         for name, benchmark in plan.suite.benchmarks.items():
             definition = definitions.benchmarks[name].for_suite(plan.suite.thinking, plan.suite.thinking_max_tokens)
             outcome, evidence[name] = _evaluate_one(evaluation, stacks, name, benchmark, definition,
-                                                    definitions.version, log)
+                                                    definitions.version, log, measure_perf)
             outcomes.append(outcome)
         gates = {g.benchmark: g for g in holm([o.gate for o in outcomes if o.gate is not None])}
         outcomes = [o.model_copy(update={"gate": gates.get(o.benchmark)}) for o in outcomes]
-        for source in (evaluation.candidate, evaluation.reference):
-            if source is None:
-                continue
-            try:
-                perf[source.stack.role] = _perf(evaluation, stacks, source, log)
-            except StackRefused as exc:
-                log(f"serving performance of the {source.stack.role} stack not measured: {exc}")
+        measure_perf(evaluation.candidate)
+        measure_perf(evaluation.reference)
         outcomes = [_diagnosed(evaluation, stacks, o, evidence[o.benchmark], log)
                     if o.gated and o.gate and o.gate.verdict == Verdict.FAIL and evidence.get(o.benchmark) else o
                     for o in outcomes]
@@ -336,7 +343,8 @@ class Evidence:
 
 
 def _evaluate_one(evaluation: Evaluation, stacks: Stacks, name: str, benchmark: Benchmark,
-                  definition: BenchmarkDefinition, benchmarks_version: int, log: Callable[[str], None]
+                  definition: BenchmarkDefinition, benchmarks_version: int, log: Callable[[str], None],
+                  measure_perf: Callable[[StackSource | None], None]
                   ) -> tuple[BenchmarkOutcome, Evidence | None]:
     plan = evaluation.plan
     try:
@@ -357,6 +365,7 @@ def _evaluate_one(evaluation: Evaluation, stacks: Stacks, name: str, benchmark: 
                 evaluation, stacks, candidate_stack, key, items, definition, repeats, log)
             scorer = _TokenScorer(evaluation, stacks, key, items[:benchmark.token_items], reference, log)
             scorer.score_native(reference_stack)
+            measure_perf(evaluation.reference)  # while the native stack is served, not after a restart
             candidate, candidate_use = _results(evaluation, stacks, evaluation.candidate, candidate_stack, key, items,
                                                 definition, repeats, log)
         except (ReferenceUnavailable, StackFailed, StackRefused) as exc:
