@@ -97,6 +97,7 @@ def running_services(state_dir: Path, names: tuple[str, ...], expected_deploymen
         yield settings
     finally:
         services.down(tuple(s.name for s in started if s.state == "started"))
+        shutil.rmtree(state_dir / "registry", ignore_errors=True)  # GBs of image layers nobody reads again
 
 
 @pytest.fixture
