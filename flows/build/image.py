@@ -125,19 +125,23 @@ def build(client: docker.DockerClient, context: BuildContext, tag: str, log: Cal
           no_cache: bool = False) -> str:
     """Stream the build log line by line; turn an error chunk into BuildFailed naming the step and its last output."""
     step, image_id, output = "the start of the build", None, []
-    for chunk in client.api.build(path=str(context.path), tag=tag, labels=context.labels, rm=True, forcerm=True,
-                                  decode=True, pull=False, nocache=no_cache):
-        if "error" in chunk:
-            raise BuildFailed(step, chunk.get("errorDetail", {}).get("message") or chunk["error"], output[-STEP_TAIL:])
-        for line in chunk.get("stream", "").splitlines():
-            if line.strip():
-                log(line.rstrip())
-                match = STEP.match(line.strip())
-                if match:
-                    step, output = f"step {match.group(1)} ({match.group(2)[:120]})", []
-                elif not line.startswith(" ---> "):
-                    output.append(line.strip())
-        image_id = chunk.get("aux", {}).get("ID", image_id)
+    try:
+        for chunk in client.api.build(path=str(context.path), tag=tag, labels=context.labels, rm=True, forcerm=True,
+                                      decode=True, pull=False, nocache=no_cache):
+            if "error" in chunk:
+                raise BuildFailed(step, chunk.get("errorDetail", {}).get("message") or chunk["error"],
+                                  output[-STEP_TAIL:])
+            for line in chunk.get("stream", "").splitlines():
+                if line.strip():
+                    log(line.rstrip())
+                    match = STEP.match(line.strip())
+                    if match:
+                        step, output = f"step {match.group(1)} ({match.group(2)[:120]})", []
+                    elif not line.startswith(" ---> "):
+                        output.append(line.strip())
+            image_id = chunk.get("aux", {}).get("ID", image_id)
+    except docker.errors.APIError as exc:  # the engine refused the request itself, e.g. its disk filled with the context
+        raise BuildFailed(step, f"the Docker Engine answered {exc.status_code}: {exc.explanation or exc}") from None
     if image_id is None:
         raise BuildFailed(step, "the engine reported no image id")
     return image_id
