@@ -14,7 +14,8 @@ import requests
 
 from flows.build.base import BaseImageUnavailable
 from flows.build.cache import cache_root
-from flows.build.image import BuildFailed, build_release_image
+from flows.build.context import BuildContext
+from flows.build.image import BuildFailed, build, build_release_image
 from flows.evaluate.container import ServeRequest, ServingFailed, served
 from flows.kernel_artifacts import check_and_compile
 from flows.matrix import load_matrix
@@ -135,6 +136,15 @@ def test_a_failing_step_is_named(services: Settings, project_copy: Path):
         release(services, "smollm2-cpu", project_copy)
     assert "RUN echo broken step && exit 3" in caught.value.step
     assert "returned a non-zero code: 3" in str(caught.value)
+
+
+def test_a_build_request_the_engine_refuses_is_a_named_build_failure(services: Settings, tmp_path: Path):
+    """The Docker Engine's own error answer to the build request (here a context without a Dockerfile; a disk
+    filled by the context is the same path) is a BuildFailed naming the engine's answer, not a raw client error."""
+    context = BuildContext(path=tmp_path, dockerfile="", version="v", labels={})
+    client = docker.DockerClient(base_url=services.docker_host)
+    with pytest.raises(BuildFailed, match="the start of the build: the Docker Engine answered 500: .*Dockerfile"):
+        build(client, context, "flagrelease/never:v", lambda line: None)
 
 
 def test_a_chip_whose_base_image_is_unreachable_stops_with_its_context(services: Settings):
