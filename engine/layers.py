@@ -164,6 +164,8 @@ class FlagOSFusedMoEMethod(UnquantizedFusedMoEMethod):
 
     def apply_monolithic(self, layer: RoutedExperts, x: torch.Tensor, router_logits: torch.Tensor,
                          input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if x.shape[0] == 0:  # a step with no tokens for this rank: nothing to route
+            return x.new_empty(x.shape)
         operators = _operators()
         weights, ids = self._route(operators, router_logits, layer.top_k, layer.renormalize)
         tokens, top_k = ids.shape

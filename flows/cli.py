@@ -20,9 +20,10 @@ from flows.errors import BadInput, FlagReleaseError, ServiceUnavailable
 from flows.services import prefect_env
 from flows.settings import Settings
 
-# Without a terminal rich would wrap at 80 columns, breaking paths and digests that scripts copy.
-console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
-errors = Console(stderr=True, soft_wrap=True, width=None if sys.stderr.isatty() else 200)
+# Without a terminal rich would wrap at 80 columns, breaking paths and digests that scripts copy; no emoji codes
+# either, or "releases.yaml:100:" loses its line number to one.
+console = Console(soft_wrap=True, emoji=False, width=None if sys.stdout.isatty() else 200)
+errors = Console(stderr=True, soft_wrap=True, emoji=False, width=None if sys.stderr.isatty() else 200)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
+from flows.build import split_layers
 from flows.errors import FlagReleaseError
 from flows.files import sha256_file, tree_hashes, write_model
 from flows.matrix import ChipProfile, Model, ReleaseMatrix, Schedule, Suite
@@ -100,6 +101,7 @@ def fingerprint_inputs(matrix: ReleaseMatrix, release_name: str, revision: Pinne
     for folder in IMAGE_SOURCE_DIRS:
         inputs.update(tree_hashes(project_dir / folder, folder.removesuffix("s"), IMAGE_SOURCE_SUFFIXES,
                                   exclude_dirs=frozenset({"__pycache__"})))
+    inputs["build/split_layers.py"] = sha256_file(Path(split_layers.__file__))  # it lays out the image's layers
     inputs.update({f"package/{name}": version for name, version in image_requirements(project_dir).items()})
     inputs.update({f"tool/{name}": version for name, version in sorted(chip.versions.items())})
     return inputs

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -46,6 +47,17 @@ def test_malformed_matrix_exits_2_naming_file_and_line(tmp_path: Path, state: di
     assert result.returncode == 2
     assert f"{bad} is invalid" in result.stderr and "line 4: not valid YAML" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_problem_on_line_100_keeps_its_line_number(tmp_path: Path, state: dict[str, str]):
+    """Rich reads ":100:" as an emoji code; the error must still say `releases.yaml:100:`."""
+    shutil.copytree(PROJECT_DIR / "images", tmp_path / "images")
+    lines = (PROJECT_DIR / "releases.yaml").read_text().splitlines()
+    lines = ["#"] * (99 - lines.index("chips: [cpu, nvidia, iluvatar]")) + lines
+    lines[99] = "chips: [cpu, nvidia, iluvatar, 7]"
+    (tmp_path / "releases.yaml").write_text("\n".join(lines) + "\n")
+    result = flagrelease("--matrix", str(tmp_path / "releases.yaml"), "validate", env=state)
+    assert result.returncode == 2 and "releases.yaml:100: chips" in result.stderr, result.stderr
 
 
 def test_plan_writes_the_plan_and_prints_the_fingerprint(state: dict[str, str]):

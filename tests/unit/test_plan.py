@@ -96,6 +96,14 @@ def test_changes_that_do_not_touch_the_artefact_keep_the_fingerprint(change: str
     assert plan_of(project_copy).fingerprint == before.fingerprint
 
 
+def test_the_layer_split_of_the_image_is_an_input(project_copy: Path):
+    """flows/build/split_layers.py decides the image's layers (and so its digest): it is fingerprinted by content."""
+    from flows.build import split_layers
+    from flows.files import sha256_file
+
+    assert plan_of(project_copy).inputs["build/split_layers.py"] == sha256_file(Path(split_layers.__file__))
+
+
 def test_unpinned_revision_is_recorded_as_such(project_copy: Path):
     plan = plan_of(project_copy)
     assert not plan.revision.pinned
