@@ -1,12 +1,15 @@
-"""Name the operator that broke a release: when a benchmark FAILs, ask its discordant items (up to 32 of them) plus
-a fixed sample of the rest again with subsets of our operators switched on, halving the candidates each pass.
+"""Name the operator that broke a release: when a benchmark FAILs, serve the stack again with subsets of our
+operators switched on and measure how far each subset departs from native, halving the candidates each pass.
 
-A subset reproduces the drop when its own drop on those items (native accuracy minus the subset's) is at least half
-the full FlagOS stack's drop there: with the culprit switched on the stack answers like FlagOS, without it like
+Two measures, after what failed: the accuracy gate bisects on accuracy over its discordant items (up to 32 of
+them) plus a fixed sample of the rest (departure: native accuracy minus the subset's); the token-level gate
+bisects on the token signal over the items it scored (departure: the crossed metric, e.g. mean |delta logprob|
+against the native scoring). A subset reproduces the failure when its departure above native's own floor is at
+least half the full FlagOS stack's: with the culprit switched on the stack departs like FlagOS, without it like
 native. One subset is tested per level (a single culprit is in the other half when this one does not reproduce),
-then the last operator standing is confirmed on its own: ceil(log2(ops)) + 1 passes at most, each over the
-diagnosis items only, and no pass starts after the time cap. When the confirmation fails the drop needs more than
-one operator (or was noise), and the report says so instead of naming one.
+then the last operator standing is confirmed on its own: ceil(log2(ops)) + 1 passes at most, and no pass starts
+after the time cap. When the confirmation fails the departure needs more than one operator (or was noise), and
+the report says so instead of naming one.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, computed_field
 
@@ -22,16 +26,16 @@ SAMPLE_OF_AGREEING = 8
 MAX_DISCORDANT = 32  # a drop that FAILed shows on 32 of its items; more would only lengthen every pass
 SAMPLE_SEED = 1234
 REPRODUCES_SHARE = 0.5
+ACCURACY_DROP = "accuracy drop (native minus the stack)"
 
 
 class Probe(BaseModel):
-    """One pass: the operators switched on, and how they scored on the diagnosis items."""
+    """One pass: the operators switched on, and how far that stack departed from native on the diagnosis items."""
 
     model_config = ConfigDict(frozen=True)
 
     operators: list[str]
-    accuracy: float
-    drop: float  # native minus this subset, on the diagnosis items
+    departure: float
     reproduces: bool
     requests: int
     seconds: float
@@ -41,10 +45,11 @@ class Diagnosis(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     benchmark: str
+    measure: str  # what a pass measures, in words
     operators: list[str]  # the operators the FlagOS stack ran, in the order bisected
-    items: int  # diagnosis items: every discordant one plus a fixed sample of the rest
-    native_accuracy: float  # on the diagnosis items
-    flagos_accuracy: float
+    items: int  # diagnosis items
+    floor: float  # native's own departure on them (0 for accuracy; native scored twice for the token signal)
+    flagos: float  # the full FlagOS stack's departure on them
     probes: list[Probe]
     culprits: list[str]
     conclusion: str
@@ -63,6 +68,18 @@ class Diagnosis(BaseModel):
         return sum(p.seconds for p in self.probes)
 
 
+@dataclass(frozen=True)
+class Measure:
+    """What the bisection compares: `departure(subset)` serves the stack with exactly `subset` switched on and
+    returns how far it departs from native on the diagnosis items, and the requests it took."""
+
+    name: str
+    items: int
+    floor: float
+    flagos: float
+    departure: Callable[[list[str]], tuple[float, int]]
+
+
 def diagnosis_items(native: dict[str, float], flagos: dict[str, float], sample: int = SAMPLE_OF_AGREEING,
                     most_discordant: int = MAX_DISCORDANT) -> list[str]:
     """The items the stacks scored differently (a fixed sample of `most_discordant` when there are more), plus a
@@ -75,25 +92,37 @@ def diagnosis_items(native: dict[str, float], flagos: dict[str, float], sample: 
     return [i for i in native if i in chosen]
 
 
+def accuracy_measure(native: dict[str, float], flagos: dict[str, float],
+                     ask: Callable[[list[str], list[str]], tuple[dict[str, float], int]]) -> Measure:
+    """The accuracy gate's measure; `ask(subset, items)` returns the subset stack's per-item scores on `items`."""
+    items = diagnosis_items(native, flagos)
+    native_accuracy = sum(native[i] for i in items) / len(items)
+
+    def departure(subset: list[str]) -> tuple[float, int]:
+        scores, requests = ask(subset, items)
+        return native_accuracy - sum(scores[i] for i in items) / len(items), requests
+
+    return Measure(name=ACCURACY_DROP, items=len(items), floor=0.0,
+                   flagos=native_accuracy - sum(flagos[i] for i in items) / len(items), departure=departure)
+
+
 def max_passes(operators: int) -> int:
     return math.ceil(math.log2(operators)) + 1 if operators > 1 else 1
 
 
-def bisect_culprits(benchmark: str, operators: Sequence[str], native: dict[str, float], flagos: dict[str, float],
-                    ask: Callable[[list[str], list[str]], tuple[dict[str, float], int]], deadline_s: float,
+def bisect_culprits(benchmark: str, operators: Sequence[str], measure: Measure, deadline_s: float,
                     original: tuple[int, float], log: Callable[[str], None]) -> Diagnosis:
-    """Bisect `operators` (those the FlagOS stack ran) over the diagnosis items of a failed benchmark.
+    """Bisect `operators` (those the FlagOS stack ran) on `measure`."""
+    full = measure.flagos - measure.floor
 
-    `ask(subset, items)` serves the stack with exactly `subset` switched on and returns its per-item scores on
-    `items` and the requests it made."""
-    items = diagnosis_items(native, flagos)
-    native_accuracy = sum(native[i] for i in items) / len(items)
-    flagos_accuracy = sum(flagos[i] for i in items) / len(items)
-    full_drop = native_accuracy - flagos_accuracy
-    if full_drop <= 0:
-        return _diagnosis(benchmark, operators, items, native_accuracy, flagos_accuracy, [], [],
-                          "nothing to bisect: the FlagOS stack does not score lower than native on these items",
-                          original)
+    def diagnosis(probes: list[Probe], culprits: list[str], conclusion: str) -> Diagnosis:
+        return Diagnosis(benchmark=benchmark, measure=measure.name, operators=list(operators), items=measure.items,
+                         floor=measure.floor, flagos=measure.flagos, probes=probes, culprits=culprits,
+                         conclusion=conclusion, original_requests=original[0], original_seconds=original[1])
+
+    if full <= 0:
+        return diagnosis([], [], f"nothing to bisect: the FlagOS stack departs no further from native than native "
+                                 f"itself ({measure.name})")
     started = time.monotonic()
     probes: list[Probe] = []
 
@@ -101,14 +130,13 @@ def bisect_culprits(benchmark: str, operators: Sequence[str], native: dict[str, 
         if time.monotonic() - started > deadline_s:
             return None
         began = time.monotonic()
-        scores, requests = ask(subset, items)
-        accuracy = sum(scores[i] for i in items) / len(items)
-        drop = native_accuracy - accuracy
-        result = Probe(operators=subset, accuracy=accuracy, drop=drop, reproduces=drop >= REPRODUCES_SHARE * full_drop,
-                       requests=requests, seconds=time.monotonic() - began)
-        log(f"{benchmark}: bisection with {', '.join(subset)} on: accuracy {accuracy:.3f} on {len(items)} items "
-            f"(native {native_accuracy:.3f}, FlagOS {flagos_accuracy:.3f}) -> "
-            f"{'reproduces' if result.reproduces else 'does not reproduce'} the drop")
+        departure, requests = measure.departure(subset)
+        result = Probe(operators=subset, departure=departure,
+                       reproduces=departure - measure.floor >= REPRODUCES_SHARE * full, requests=requests,
+                       seconds=time.monotonic() - began)
+        log(f"{benchmark}: bisection with {', '.join(subset)} on: {measure.name} {departure:.4g} on {measure.items} "
+            f"items (FlagOS {measure.flagos:.4g}, native floor {measure.floor:.4g}) -> "
+            f"{'reproduces' if result.reproduces else 'does not reproduce'} the failure")
         probes.append(result)
         return result
 
@@ -118,26 +146,16 @@ def bisect_culprits(benchmark: str, operators: Sequence[str], native: dict[str, 
         half = candidates[:len(candidates) // 2]
         result = probe(half)
         if result is None:
-            return _diagnosis(benchmark, operators, items, native_accuracy, flagos_accuracy, probes, [],
-                              f"stopped at the time cap ({deadline_s:.0f} s) after {len(probes)} pass(es); the "
-                              f"culprit is among {', '.join(candidates)}", original)
+            return diagnosis(probes, [], f"stopped at the time cap ({deadline_s:.0f} s) after {len(probes)} pass(es); "
+                                         f"the culprit is among {', '.join(candidates)}")
         candidates = half if result.reproduces else candidates[len(candidates) // 2:]
         tested_alone = result if result.reproduces and len(half) == 1 else None
     confirmation = tested_alone or probe(candidates)
     if confirmation is None:
-        return _diagnosis(benchmark, operators, items, native_accuracy, flagos_accuracy, probes, [],
-                          f"stopped at the time cap ({deadline_s:.0f} s) before confirming {candidates[0]}", original)
+        return diagnosis(probes, [], f"stopped at the time cap ({deadline_s:.0f} s) before confirming {candidates[0]}")
     if confirmation.reproduces:
-        return _diagnosis(benchmark, operators, items, native_accuracy, flagos_accuracy, probes, candidates,
-                          f"{candidates[0]} alone reproduces the drop ({confirmation.accuracy:.3f} against native "
-                          f"{native_accuracy:.3f} and FlagOS {flagos_accuracy:.3f} on the diagnosis items)", original)
-    return _diagnosis(benchmark, operators, items, native_accuracy, flagos_accuracy, probes, [],
-                      "no single operator reproduces the drop alone: it needs several of "
-                      f"{', '.join(operators)} together, or the drop was noise", original)
-
-
-def _diagnosis(benchmark, operators, items, native_accuracy, flagos_accuracy, probes, culprits, conclusion,
-               original: tuple[int, float]) -> Diagnosis:
-    return Diagnosis(benchmark=benchmark, operators=list(operators), items=len(items), native_accuracy=native_accuracy,
-                     flagos_accuracy=flagos_accuracy, probes=probes, culprits=culprits, conclusion=conclusion,
-                     original_requests=original[0], original_seconds=original[1])
+        return diagnosis(probes, candidates, f"{candidates[0]} alone reproduces the failure ({measure.name} "
+                                             f"{confirmation.departure:.4g} against FlagOS {measure.flagos:.4g} and "
+                                             f"native {measure.floor:.4g} on the diagnosis items)")
+    return diagnosis(probes, [], "no single operator reproduces the failure alone: it needs several of "
+                                 f"{', '.join(operators)} together, or it was noise")

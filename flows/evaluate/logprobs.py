@@ -158,16 +158,33 @@ class TokenSignal(BaseModel):
     thresholds: TokenThresholds | None = None
     verdict: Verdict | None = None
 
-    def exceeded(self) -> list[str]:
-        """The thresholds the FlagOS numbers cross, in words."""
+    def crossed(self) -> list[str]:
+        """The metrics (TokenAgreement field names) on which the FlagOS numbers cross the thresholds."""
         if self.flagos is None or self.thresholds is None:
             return []
         limits, seen = self.thresholds, self.flagos
-        return [text for crossed, text in (
-            (seen.top1 < limits.min_top1, f"top-1 agreement {seen.top1:.4f} < {limits.min_top1}"),
-            (seen.mean_abs_delta > limits.max_mean_abs_delta,
-             f"mean |delta logprob| {seen.mean_abs_delta:.4g} > {limits.max_mean_abs_delta}"),
-            (seen.mean_kl > limits.max_mean_kl, f"mean KL {seen.mean_kl:.4g} > {limits.max_mean_kl}")) if crossed]
+        return [metric for metric, crossed in (("top1", seen.top1 < limits.min_top1),
+                                               ("mean_abs_delta", seen.mean_abs_delta > limits.max_mean_abs_delta),
+                                               ("mean_kl", seen.mean_kl > limits.max_mean_kl)) if crossed]
+
+    def exceeded(self) -> list[str]:
+        """The thresholds the FlagOS numbers cross, in words."""
+        crossed = self.crossed()
+        if not crossed:
+            return []
+        limits, seen = self.thresholds, self.flagos
+        words = {"top1": f"top-1 agreement {seen.top1:.4f} < {limits.min_top1}",
+                 "mean_abs_delta": f"mean |delta logprob| {seen.mean_abs_delta:.4g} > {limits.max_mean_abs_delta}",
+                 "mean_kl": f"mean KL {seen.mean_kl:.4g} > {limits.max_mean_kl}"}
+        return [words[metric] for metric in crossed]
+
+
+METRIC_NAMES = {"top1": "top-1 disagreement", "mean_abs_delta": "mean |delta logprob|", "mean_kl": "mean KL"}
+
+
+def departure(agreement: TokenAgreement, metric: str) -> float:
+    """How far the scoring departs from the reference on `metric`, larger is further (top-1 as disagreement)."""
+    return 1.0 - agreement.top1 if metric == "top1" else getattr(agreement, metric)
 
 
 def token_signal(reference: list[ItemScores], flagos: list[ItemScores], again: list[ItemScores] | None,

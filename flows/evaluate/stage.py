@@ -26,14 +26,15 @@ from engine.operators import OPS_VARIABLE
 from flows.evaluate.benchmarks import BenchmarkDefinition, DatasetUnavailable, Item, load_definitions, load_items
 from flows.evaluate.client import ItemResult, ask_stack
 from flows.evaluate.container import ServeRequest, served
-from flows.evaluate.bisect import Diagnosis, bisect_culprits
+from flows.evaluate.bisect import Diagnosis, Measure, accuracy_measure, bisect_culprits
 from flows.evaluate.gate import BenchmarkGate, Verdict, gate_results, holm, item_means, repeat_schedule, suite_verdict
-from flows.evaluate.logprobs import (ItemScores, NotScored, TokenSignal, score_replies, token_signal,
-                                     token_signal_not_measured)
+from flows.evaluate.logprobs import (METRIC_NAMES, ItemScores, NotScored, TokenSignal, departure, score_replies,
+                                     token_agreement, token_signal, token_signal_not_measured)
 from flows.evaluate.operators import OperatorUse, StackRefused, check_switch, operator_report, served_identity, usage
 from flows.evaluate.perf import PerfPoint, measure_serving
 from flows.evaluate.signal import Signal, consistency_signal
-from flows.evaluate.store import ReferenceUnavailable, ResultKey, ResultStore, Stack, prompts_digest, stack_description
+from flows.evaluate.store import (ReferenceUnavailable, ResultKey, ResultStore, Stack, prompts_digest, scored_replies,
+                                  stack_description)
 from flows.errors import FlagReleaseError
 from flows.files import write_model
 from flows.matrix import NATIVE_REFERENCE, Benchmark
@@ -87,21 +88,21 @@ class BenchmarkOutcome(BaseModel):
         if self.gate is None:
             return self.unavailable
         gate = self.gate
+        found = ""
+        if self.diagnosis is not None:
+            found = f"; culprit: {self.diagnosis.conclusion}"
+            found += f"; {self.diagnosis.remedy}" if self.diagnosis.remedy else ""
         if self.signal is not None and self.signal.verdict == Verdict.FAIL:
             return (f"identical replies fell {self.signal.identical_drop * 100:.1f} pp below native vs native "
                     f"(the suite allows {self.signal.max_identical_drop_pp} pp)")
         if self.tokens is not None and self.tokens.verdict == Verdict.FAIL:
             return (f"token by token FlagOS departs from native beyond the chip's calibrated token_gate: "
-                    f"{'; '.join(self.tokens.exceeded())}")
+                    f"{'; '.join(self.tokens.exceeded())}{found}")
         if self.signal is not None and self.signal.verdict == Verdict.INCONCLUSIVE and gate.verdict == Verdict.PASS:
             return "the suite gates identical replies, but no native-vs-native baseline was run"
         if self.tokens is not None and self.tokens.verdict == Verdict.INCONCLUSIVE and gate.verdict == Verdict.PASS:
             return f"the token-level gate is on, but the signal was not measured: {self.tokens.not_measured}"
         if gate.verdict == Verdict.FAIL:
-            found = ""
-            if self.diagnosis is not None:
-                found = f"; culprit: {self.diagnosis.conclusion}"
-                found += f"; {self.diagnosis.remedy}" if self.diagnosis.remedy else ""
             return (f"FlagOS is worse by {gate.drop * 100:.2f} pp, beyond the {gate.margin * 100:.1f} pp margin "
                     f"(interval [{gate.ci_low * 100:+.2f}, {gate.ci_high * 100:+.2f}] pp){found}")
         if gate.verdict == Verdict.DIFFERS:
@@ -309,8 +310,7 @@ def evaluate(evaluation: Evaluation, client: docker.DockerClient | None, log: Ca
         measure_perf(evaluation.candidate)
         measure_perf(evaluation.reference)
         outcomes = [_diagnosed(evaluation, stacks, o, evidence[o.benchmark], log)
-                    if o.gated and o.gate and o.gate.verdict == Verdict.FAIL and evidence.get(o.benchmark) else o
-                    for o in outcomes]
+                    if o.gated and o.verdict == Verdict.FAIL and evidence.get(o.benchmark) else o for o in outcomes]
     finally:
         stacks.close()
     verdict = suite_verdict([o.verdict for o in outcomes if o.gated])
@@ -340,6 +340,7 @@ class Evidence:
     candidate_use: OperatorUse | None
     requests: int  # asked of both stacks in this run (0 when every answer came from the store)
     seconds: float
+    tokens: _TokenScorer
 
 
 def _evaluate_one(evaluation: Evaluation, stacks: Stacks, name: str, benchmark: Benchmark,
@@ -364,7 +365,7 @@ def _evaluate_one(evaluation: Evaluation, stacks: Stacks, name: str, benchmark: 
             reference, reference_use, reference_stack, native_again = _reference_results(
                 evaluation, stacks, candidate_stack, key, items, definition, repeats, log)
             scorer = _TokenScorer(evaluation, stacks, key, items[:benchmark.token_items], reference, log)
-            scorer.score_native(reference_stack)
+            scorer.native_scores(reference_stack)
             measure_perf(evaluation.reference)  # while the native stack is served, not after a restart
             candidate, candidate_use = _results(evaluation, stacks, evaluation.candidate, candidate_stack, key, items,
                                                 definition, repeats, log)
@@ -397,7 +398,7 @@ def _evaluate_one(evaluation: Evaluation, stacks: Stacks, name: str, benchmark: 
                                stacks={"native": reference_stack.served_by, "flagos": candidate_stack.served_by})
     return outcome, Evidence(key=key, items=items, definition=definition, repeats=repeats, reference=reference,
                              candidate=candidate, candidate_use=candidate_use, requests=stacks.asked - asked_before,
-                             seconds=time.monotonic() - started)
+                             seconds=time.monotonic() - started, tokens=scorer)
 
 
 Answers = tuple[list[ItemResult], OperatorUse | None]
@@ -405,18 +406,16 @@ Answers = tuple[list[ItemResult], OperatorUse | None]
 
 class _TokenScorer:
     """One benchmark's token-level signal: the native replies (repeat 0) to the first `token_items` items scored on
-    the native stack twice while it is served, then on the FlagOS stack; each scoring stored beside the answers, so
-    a re-run asks nothing again."""
+    the native stack twice while it is served (or, for stored native results of another release, the scores stored
+    with them), then on the FlagOS stack; each scoring stored beside the answers, so a re-run asks nothing again."""
 
     def __init__(self, evaluation: Evaluation, stacks: Stacks, key: ResultKey, items: list[Item],
                  reference: list[ItemResult], log: Callable[[str], None]):
         self.evaluation, self.stacks, self.key, self.log = evaluation, stacks, key, log
-        self.replies = {r.id: r.response for r in reference if r.repeat == 0 and r.error is None}
+        self.replies = scored_replies(reference)
         self.items = [item for item in items if item.id in self.replies]
-        self.native: tuple[list[ItemScores], list[ItemScores]] | None = None
-        self.problem: str | None = None if evaluation.reference is not None else (
-            "the native stack is not served here (stored results of another release), so nothing scores the "
-            "replies on it")
+        self.native: tuple[list[ItemScores], list[ItemScores] | None] | None = None
+        self.problem: str | None = None
 
     def _scores(self, source: StackSource, stack: Stack) -> list[ItemScores]:
         stored = self.evaluation.store.load_scores(self.key, stack, self.replies)
@@ -429,12 +428,20 @@ class _TokenScorer:
         self.evaluation.store.save_scores(self.key, stack, self.replies, scores)
         return scores
 
-    def score_native(self, stack: Stack) -> None:
+    def native_scores(self, stack: Stack) -> None:
         if self.problem is not None or self.native is not None:
+            return
+        if self.evaluation.reference is None:  # another release's native results: its scores travel with them
+            stored = self.evaluation.store.load_scores(self.key, stack, self.replies)
+            if stored is None:
+                self.problem = (f"the stored native results of {stack.release} carry no token scores of these "
+                                f"replies; re-run `flagrelease run {stack.release}`")
+            else:
+                self.native = (stored, self.evaluation.store.load_scores(self.key, stack.second_run(), self.replies))
             return
         try:
             self.native = (self._scores(self.evaluation.reference, stack),
-                           self._scores(self.evaluation.reference, _second_run(stack)))
+                           self._scores(self.evaluation.reference, stack.second_run()))
         except NotScored as exc:
             self.problem = f"the native stack returned no token scores: {exc}"
 
@@ -448,24 +455,34 @@ class _TokenScorer:
                 signal = token_signal(self.native[0], flagos, self.native[1], thresholds)
                 seen, floor = signal.flagos, signal.baseline
                 self.log(f"{self.key.benchmark}: token by token over {seen.positions} scored tokens: top-1 agreement "
-                         f"{seen.top1:.4f} FlagOS vs native ({floor.top1:.4f} native vs native), mean |delta logprob| "
-                         f"{seen.mean_abs_delta:.3g} ({floor.mean_abs_delta:.3g}), mean KL {seen.mean_kl:.3g} "
-                         f"({floor.mean_kl:.3g})" + (f" -> {signal.verdict.value}" if signal.verdict else ""))
+                         f"{seen.top1:.4f} FlagOS vs native"
+                         + (f" ({floor.top1:.4f} native vs native), mean |delta logprob| {seen.mean_abs_delta:.3g} "
+                            f"({floor.mean_abs_delta:.3g}), mean KL {seen.mean_kl:.3g} ({floor.mean_kl:.3g})" if floor
+                            else f", mean |delta logprob| {seen.mean_abs_delta:.3g}, mean KL {seen.mean_kl:.3g}")
+                         + (f" -> {signal.verdict.value}" if signal.verdict else ""))
                 return signal
         reason = self.problem or "the native stack was not scored"
         self.log(f"{self.key.benchmark}: token-level signal not measured: {reason}")
         return token_signal_not_measured(reason, thresholds)
+
+    def measure(self, signal: TokenSignal, serve: Callable[[list[str]], StackSource]) -> Measure:
+        """The bisection's measure for a token-level FAIL: the first crossed metric of each subset stack's scoring
+        of the same replies against the native scoring."""
+        metric = signal.crossed()[0]
+
+        def subset_departure(subset: list[str]) -> tuple[float, int]:
+            source = serve(subset)
+            return departure(token_agreement(self.native[0], self._scores(source, source.stack)), metric), len(self.items)
+
+        return Measure(name=f"{METRIC_NAMES[metric]} against the native scoring", items=len(self.items),
+                       floor=departure(signal.baseline, metric) if signal.baseline else 0.0,
+                       flagos=departure(signal.flagos, metric), departure=subset_departure)
 
 
 def _refuse_same(reference: Stack, candidate: Stack) -> None:
     if reference.served_by == candidate.served_by:
         raise StackRefused(f"the native and the FlagOS stack are the same stack ({candidate.served_by}): the "
                            "comparison would prove nothing; refused before any request")
-
-
-def _second_run(stack: Stack) -> Stack:
-    """The native stack asked the same requests again: the native-vs-native baseline of the finer signal."""
-    return stack.model_copy(update={"served_by": f"{stack.served_by} [second run]"})
 
 
 def _reference_results(evaluation: Evaluation, stacks: Stacks, candidate: Stack, key: ResultKey, items: list[Item],
@@ -481,7 +498,7 @@ def _reference_results(evaluation: Evaluation, stacks: Stacks, candidate: Stack,
         again = None
         if baseline:
             log(f"{key.benchmark}: the native stack again, for the native-vs-native baseline")
-            again = _results(evaluation, stacks, evaluation.reference, _second_run(stack), key, items, definition,
+            again = _results(evaluation, stacks, evaluation.reference, stack.second_run(), key, items, definition,
                              repeats, log)[0]
         return results, use, stack, again
     stack, stored, use = evaluation.store.reference(key, evaluation.plan.reference)
@@ -495,7 +512,7 @@ def _reference_results(evaluation: Evaluation, stacks: Stacks, candidate: Stack,
                            f"stack (operator report: {'none' if use is None else f'{use.calls} calls of ours'}); "
                            f"re-run `flagrelease run {stack.release}`")
     log(f"{key.benchmark}: native results from {stack.release} ({stack.served_by})")
-    second = evaluation.store.load(key, _second_run(stack)) if baseline else None
+    second = evaluation.store.load(key, stack.second_run()) if baseline else None
     again = [r for r in second[0] if r.repeat < repeats] if second else None
     if again is not None and {r.repeat for r in again} != set(range(repeats)):
         again = None
@@ -543,33 +560,46 @@ def _results(evaluation: Evaluation, stacks: Stacks, source: StackSource, stack:
 def _diagnosed(evaluation: Evaluation, stacks: Stacks, outcome: BenchmarkOutcome, evidence: Evidence,
                log: Callable[[str], None]) -> BenchmarkOutcome:
     """A FAILed benchmark with its culprit bisection: the image served again with subsets of the operators the
-    FlagOS stack ran, asked the diagnosis items only. The verdict stays FAIL whatever the bisection finds."""
+    FlagOS stack ran, measured on what failed (accuracy over the diagnosis items, or the token signal over the
+    scored items). The verdict stays FAIL whatever the bisection finds."""
     candidate = evaluation.candidate
     ran = [o.name for o in evidence.candidate_use.operators if o.calls] if evidence.candidate_use else []
-    if candidate.serve is None or not ran:
-        why = ("the candidate is an endpoint, so its operators cannot be switched from here" if candidate.serve is None
-               else "the FlagOS stack's operator report shows no calls")
+    accuracy_failed = outcome.gate is not None and outcome.gate.verdict == Verdict.FAIL
+    tokens_failed = outcome.tokens is not None and outcome.tokens.verdict == Verdict.FAIL
+    why = None
+    if candidate.serve is None:
+        why = "the candidate is an endpoint, so its operators cannot be switched from here"
+    elif not ran:
+        why = "the FlagOS stack's operator report shows no calls"
+    elif not (accuracy_failed or tokens_failed):
+        why = "neither accuracy nor the token signal failed (the identical-reply signal did), and it bisects neither"
+    if why is not None:
         return outcome.model_copy(update={"note": f"no culprit bisection: {why}"})
     by_id = {item.id: item for item in evidence.items}
     probes = itertools.count(1)
 
+    def serve(subset: list[str]) -> StackSource:
+        request = dataclasses.replace(candidate.serve, name=f"{candidate.serve.name}-bisect-{next(probes)}",
+                                      environment={**candidate.serve.environment, OPS_VARIABLE: ",".join(subset)})
+        return served_source("flagos", evaluation.plan.release, request)
+
     def ask(subset: list[str], ids: list[str]) -> tuple[dict[str, float], int]:
         items = [by_id[i] for i in ids]
         key = evidence.key.model_copy(update={"prompts": prompts_digest([i.prompt_hash for i in items])})
-        request = dataclasses.replace(candidate.serve, name=f"{candidate.serve.name}-bisect-{next(probes)}",
-                                      environment={**candidate.serve.environment, OPS_VARIABLE: ",".join(subset)})
-        source = served_source("flagos", evaluation.plan.release, request)
+        source = serve(subset)
         before = stacks.asked
         results, _ = _results(evaluation, stacks, source, source.stack, key, items, evidence.definition,
                               evidence.repeats, log)
         return item_means(results), stacks.asked - before
 
-    log(f"{outcome.benchmark}: FAIL; bisecting {', '.join(ran)} to find the operator that causes it")
+    measure = (accuracy_measure(item_means(evidence.reference), item_means(evidence.candidate), ask) if accuracy_failed
+               else evidence.tokens.measure(outcome.tokens, serve))
+    log(f"{outcome.benchmark}: FAIL; bisecting {', '.join(ran)} on the {measure.name} to find the operator that "
+        "causes it")
     try:
-        diagnosis = bisect_culprits(outcome.benchmark, ran, item_means(evidence.reference),
-                                    item_means(evidence.candidate), ask, evaluation.bisect_timeout_s,
+        diagnosis = bisect_culprits(outcome.benchmark, ran, measure, evaluation.bisect_timeout_s,
                                     (evidence.requests, evidence.seconds), log)
-    except FlagReleaseError as exc:  # a pass's stack refused, failed to serve or to answer: the FAIL stands
+    except (FlagReleaseError, NotScored) as exc:  # a pass's stack refused, failed to serve or to answer: FAIL stands
         log(f"{outcome.benchmark}: culprit bisection stopped: {exc}")
         return outcome.model_copy(update={"note": f"culprit bisection stopped: {exc}"})
     log(f"{outcome.benchmark}: {diagnosis.conclusion} ({diagnosis.requests} extra requests, {diagnosis.seconds:.0f} s)")

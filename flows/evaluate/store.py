@@ -60,6 +60,10 @@ class Stack(BaseModel):
     def digest(self) -> str:
         return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
 
+    def second_run(self) -> Stack:
+        """This stack asked the same requests again: the native-vs-native baseline of the finer signals."""
+        return self.model_copy(update={"served_by": f"{self.served_by} [second run]"})
+
 
 class StoredResults(BaseModel):
     model_config = ConfigDict(frozen=True)
@@ -68,6 +72,11 @@ class StoredResults(BaseModel):
     stack: Stack
     items: int
     operators: OperatorUse | None = None  # what the stack's engine reported running while it answered
+
+
+def scored_replies(results: list[ItemResult]) -> dict[str, str]:
+    """The replies the token-level signal scores: each item's first answer (repeat 0) that is not an error."""
+    return {r.id: r.response for r in results if r.repeat == 0 and r.error is None}
 
 
 def prompts_digest(prompt_hashes: list[str]) -> str:

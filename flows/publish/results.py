@@ -2,7 +2,8 @@
 
 `qwen3-iluvatar` is compared with `qwen3-nvidia`'s native stack, which runs on an NVIDIA host. The reference release
 attaches its native result sets (records and answers, for its suite, model revision and benchmarks) to its image
-as one OCI artifact before `latest` moves; the dependent release, before it evaluates, reads the artifact of the
+as one OCI artifact before `latest` moves, with the token-level scorings of the native replies (the native stack's
+and its second run's), so the dependent's token-level gate reads them against its own FlagOS scoring; the dependent release, before it evaluates, reads the artifact of the
 reference's `latest` image from the registry and adds the sets to its own store. Only a published reference is
 used this way: it passed its own gate. Every set keeps its `ResultKey`, so pairing refuses anything not asked
 exactly as the dependent asks.
@@ -16,9 +17,19 @@ from collections.abc import Callable
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from flows.evaluate.client import ItemResult
-from flows.evaluate.store import ResultStore, StoredResults
+from flows.evaluate.logprobs import ItemScores
+from flows.evaluate.store import ResultStore, Stack, StoredResults, scored_replies
 from flows.publish.release import ARTIFACT_TYPES, MOVING_TAG, Attachment, attachment, referrers
 from flows.registry import RegistryClient, RegistryError
+
+
+class ScoreSet(BaseModel):
+    """One stack's token-level scoring of the set's replies."""
+
+    model_config = ConfigDict(frozen=True)
+
+    stack: Stack
+    scores: list[ItemScores]
 
 
 class ResultSet(BaseModel):
@@ -26,6 +37,7 @@ class ResultSet(BaseModel):
 
     record: StoredResults
     results: list[ItemResult]
+    scores: list[ScoreSet] = []
 
 
 class PublishedResults(BaseModel):
@@ -38,10 +50,17 @@ class PublishedResults(BaseModel):
 
 def native_results(store: ResultStore, release: str, model: str, suite: str, suite_version: int,
                    revision: str) -> PublishedResults:
-    """The native sets this release recorded for its current suite and model revision."""
-    sets = [ResultSet(record=record, results=results) for record, results in store.complete_sets(model)
-            if record.stack.role == "native" and record.stack.release == release and record.key.suite == suite
-            and record.key.suite_version == suite_version and record.key.revision == revision]
+    """The native sets this release recorded for its current suite and model revision, with their scorings."""
+    sets = []
+    for record, results in store.complete_sets(model):
+        if (record.stack.role, record.stack.release, record.key.suite, record.key.suite_version,
+                record.key.revision) != ("native", release, suite, suite_version, revision):
+            continue
+        replies = scored_replies(results)
+        scored = [(stack, store.load_scores(record.key, stack, replies))
+                  for stack in (record.stack, record.stack.second_run())]
+        sets.append(ResultSet(record=record, results=results,
+                              scores=[ScoreSet(stack=stack, scores=scores) for stack, scores in scored if scores]))
     return PublishedResults(release=release, model=model, sets=sets)
 
 
@@ -76,6 +95,10 @@ def import_published(registry: RegistryClient, store: ResultStore, release: str,
         if store.load(record.key, record.stack) is None:
             store.save(record.key, record.stack, result_set.results, record.operators)
             new += 1
+        replies = scored_replies(result_set.results)
+        for scored in result_set.scores:
+            if store.load_scores(record.key, scored.stack, replies) is None:
+                store.save_scores(record.key, scored.stack, replies, scored.scores)
     log(f"native results of {release} from {registry.repository}@{digest[:19]}: {len(published.sets)} sets, "
         f"{new} new here")
     return new

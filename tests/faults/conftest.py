@@ -31,7 +31,7 @@ SMALL_SUITE_ITEMS = 60
 SMALL_SUITE = f"""  cpu-smoke:
     version: 1
     benchmarks:
-      arithmetic: {{margin_pp: 3.0, limit: {SMALL_SUITE_ITEMS}, token_gate: false, token_items: 16}}
+      arithmetic: {{margin_pp: 3.0, limit: {SMALL_SUITE_ITEMS}, token_items: 16}}
 """
 
 

@@ -77,13 +77,39 @@ def test_a_broken_integration_fails_the_gate_and_publishes_nothing(bench: Bench)
     diagnosis = outcome["diagnosis"]
     assert diagnosis["culprits"] == ["silu_and_mul"] and len(diagnosis["probes"]) <= 3
     assert diagnosis["probes"][-1]["operators"] == ["silu_and_mul"] and diagnosis["probes"][-1]["reproduces"]
-    assert "culprit: silu_and_mul alone reproduces the drop" in state.message
+    assert "culprit: silu_and_mul alone reproduces the failure" in state.message
     assert "native_ops: {silu_and_mul:" in state.message and "images/cpu/chip.yaml" in state.message
     extra = f"{diagnosis['requests']} requests in {sum(p['seconds'] for p in diagnosis['probes']):.0f} s"
     record("broken integration (gate/up swapped)", "gate FAIL, culprit named, nothing published",
            f"{state.type.value}; FlagOS {outcome['gate']['flagos_accuracy']:.3f} vs native "
            f"{outcome['gate']['native_accuracy']:.3f}; bisection: {', '.join(diagnosis['culprits'])} ({extra}, "
            f"evaluation {diagnosis['original_requests']} in {diagnosis['original_seconds']:.0f} s)", blobs_complete(host))
+
+
+def test_a_mild_fault_accuracy_cannot_see_fails_the_token_gate_with_its_culprit(bench: Bench):
+    """RMSNorm called with epsilon x 100 (both norm operators): the answers barely move, so accuracy on the small
+    suite cannot FAIL it, but token by token the FlagOS stack departs from native far beyond the chip's calibrated
+    token_gate. The run must FAIL on the token signal, publish nothing, and the bisection on the token signal must
+    name one of the two norm operators (each alone reproduces it; the report says which it confirmed)."""
+    registry = bench.registry("mild", SNAPSHOT["built"])
+    host = f"127.0.0.1:{registry.registry_port}"
+    state = bench.run(host, FLAGRELEASE_CANDIDATE_ENV=json.dumps({"FLAGOS_FAULT": "norm-eps-x100"}))
+    report = evaluation_of(bench)
+    [outcome] = report["outcomes"]
+    tokens, diagnosis = outcome["tokens"], outcome["diagnosis"]
+    assert state.is_failed() and "is not published: arithmetic: FAIL" in state.message and latest_digest(host) is None
+    assert outcome["gate"]["verdict"] != "FAIL" and tokens["verdict"] == "FAIL"  # accuracy alone would not stop it
+    assert outcome["operators"]["flagos"]["fault"] == "norm-eps-x100"
+    assert tokens["flagos"]["mean_abs_delta"] > tokens["thresholds"]["max_mean_abs_delta"]
+    assert tokens["baseline"]["mean_abs_delta"] <= tokens["thresholds"]["max_mean_abs_delta"]  # native vs native
+    assert diagnosis["measure"].startswith("mean |delta logprob|") and len(diagnosis["probes"]) <= 3
+    assert diagnosis["culprits"] in (["rms_norm"], ["fused_add_rms_norm"]) and diagnosis["probes"][-1]["reproduces"]
+    assert f"culprit: {diagnosis['culprits'][0]} alone reproduces the failure" in state.message
+    record("mild fault (RMSNorm epsilon x 100)", "token gate FAIL, culprit named, nothing published",
+           f"{state.type.value}; accuracy {outcome['gate']['verdict']} (FlagOS {outcome['gate']['flagos_accuracy']:.3f} "
+           f"vs {outcome['gate']['native_accuracy']:.3f}); mean |delta logprob| {tokens['flagos']['mean_abs_delta']:.3g} "
+           f"vs native floor {tokens['baseline']['mean_abs_delta']:.3g}; bisection: {diagnosis['culprits'][0]} "
+           f"({diagnosis['requests']} requests in {diagnosis['seconds']:.0f} s)", blobs_complete(host))
 
 
 def test_the_registry_stopped_during_the_image_push(bench: Bench):

@@ -161,7 +161,8 @@ def test_a_failed_gate_publishes_nothing(registry_settings: Settings, tmp_path: 
 
 def test_native_results_travel_with_the_published_image_to_another_store(registry_settings: Settings, tmp_path: Path):
     from flows.evaluate.client import ItemResult
-    from flows.evaluate.store import ResultKey, ResultStore, Stack
+    from flows.evaluate.logprobs import ItemScores, Position
+    from flows.evaluate.store import ResultKey, ResultStore, Stack, scored_replies
     from flows.publish.results import import_published, native_results, results_attachment
 
     key = ResultKey(model="m", revision="r", suite="cpu-smoke", suite_version=2, benchmarks_version=2,
@@ -171,9 +172,15 @@ def test_native_results_travel_with_the_published_image_to_another_store(registr
                           latency_s=0.1, completion_tokens=2, finish_reason="stop") for i in range(50)]
     here = ResultStore(tmp_path / "host-a")
     here.save(key, native, answers)
+    replies = scored_replies(answers)
+    scorings = {stack: [ItemScores(id=f"q{i}", text_hash=f"t{i}", positions=[Position(logprob=-0.1 * n, top={"7": -0.1 * n})])
+                        for i in range(4)] for n, stack in enumerate((native, native.second_run()), start=1)}
+    for stack, scores in scorings.items():
+        here.save_scores(key, stack, replies, scores)
     here.save(key, Stack(role="flagos", release="smollm2-cpu", served_by="image@sha256:1 {\"USE_FLAGGEMS\": \"1\"}"), answers)
     bundle = native_results(here, "smollm2-cpu", "m", "cpu-smoke", 2, "r")
     assert [s.record.stack.role for s in bundle.sets] == ["native"]  # only the native stack's answers travel
+    assert [s.stack for s in bundle.sets[0].scores] == [native, native.second_run()]  # with both token scorings
 
     registry = client(registry_settings, "results")
     log: list[str] = []
@@ -184,6 +191,7 @@ def test_native_results_travel_with_the_published_image_to_another_store(registr
     assert import_published(registry, there, "smollm2-cpu", "m", log.append) == 1
     stack, results, _ = there.reference(key, "smollm2-cpu")
     assert stack == native and results == answers
+    assert all(there.load_scores(key, stack, replies) == scores for stack, scores in scorings.items())
     assert import_published(registry, there, "smollm2-cpu", "m", log.append) == 0  # already here: nothing new
     with pytest.raises(RegistryError, match="carries the results of smollm2-cpu/m, not qwen3-nvidia/m"):
         import_published(registry, there, "qwen3-nvidia", "m", log.append)

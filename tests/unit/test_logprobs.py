@@ -11,9 +11,14 @@ import yaml
 
 from flows.errors import MatrixError
 from flows.evaluate.gate import Verdict
-from flows.evaluate.logprobs import (ItemScores, Position, text_hash, token_agreement, token_signal,
+from flows.evaluate.bisect import Diagnosis, Probe
+from flows.evaluate.logprobs import (ItemScores, Position, departure, text_hash, token_agreement, token_signal,
                                      token_signal_not_measured)
 from flows.matrix import TokenThresholds, load_matrix
+from flows.plan import resolve
+from flows.reports import evaluation_markdown
+from flows.settings import Settings
+from tests.unit.test_card import MATRIX, report_for
 
 THRESHOLDS = TokenThresholds(dtype="float32", min_top1=0.99, max_mean_abs_delta=0.01, max_mean_kl=0.001,
                              calibration="test thresholds, chosen by hand for these cases")
@@ -53,6 +58,8 @@ def test_the_gate_fails_on_any_crossed_threshold_and_names_it():
     failed = token_signal(native, drifted, native, THRESHOLDS)
     assert failed.verdict == Verdict.FAIL and failed.exceeded() == ["mean |delta logprob| 0.1 > 0.01",
                                                                     f"mean KL {failed.flagos.mean_kl:.4g} > 0.001"]
+    assert failed.crossed() == ["mean_abs_delta", "mean_kl"]
+    assert departure(failed.flagos, "mean_abs_delta") == pytest.approx(0.1) and departure(failed.flagos, "top1") == 0
     assert token_signal(native, drifted, native, None).verdict is None  # reported, not gated
     assert token_signal(native, scores([], "x"), native, THRESHOLDS).verdict == Verdict.INCONCLUSIVE
 
@@ -110,3 +117,25 @@ def test_a_server_without_prompt_logprobs_is_not_scored():
             score_replies(f"http://127.0.0.1:{server.server_address[1]}/v1", "m", [item], {"q0": "2"})
     finally:
         server.shutdown()
+
+
+def test_a_token_level_fail_fails_the_benchmark_and_the_report_names_the_bisected_culprit():
+    native = scores([[position("a", a=-0.1, b=-2.5)]] * 10)
+    failed = token_signal(native, scores([[position("a", a=-0.2, b=-2.4)]] * 10), native, THRESHOLDS)
+    diagnosis = Diagnosis(benchmark="arithmetic", measure="mean |delta logprob| against the native scoring",
+                          operators=["rms_norm", "fused_add_rms_norm"], items=10, floor=0.0, flagos=0.1,
+                          probes=[Probe(operators=["rms_norm"], departure=0.001, reproduces=False, requests=10,
+                                        seconds=30.0),
+                                  Probe(operators=["fused_add_rms_norm"], departure=0.09, reproduces=True, requests=10,
+                                        seconds=31.0)],
+                          culprits=["fused_add_rms_norm"], conclusion="fused_add_rms_norm alone reproduces the failure",
+                          original_requests=120, original_seconds=200.0, remedy="keep it native")
+    report = report_for(resolve(MATRIX, "smollm2-cpu", Settings(offline=True)), {"arithmetic": 0.0})
+    [passed] = report.outcomes
+    outcome = passed.model_copy(update={"tokens": failed, "diagnosis": diagnosis})
+    assert passed.verdict == Verdict.PASS and outcome.verdict == Verdict.FAIL  # accuracy alone would have passed
+    assert outcome.explanation.startswith("token by token FlagOS departs from native beyond the chip's calibrated")
+    assert "culprit: fused_add_rms_norm alone reproduces the failure; keep it native" in outcome.explanation
+    markdown = evaluation_markdown(report.model_copy(update={"outcomes": [outcome]}))
+    assert "| operators switched on | mean \\|delta logprob\\| against the native scoring |" in markdown
+    assert "| fused_add_rms_norm | 0.09 | yes | 10 | 31 |" in markdown
