@@ -24,7 +24,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is im
 from engine.operators import OPS_VARIABLE  # noqa: E402
 from flows.build.cache import cache_root  # noqa: E402
 from flows.evaluate.benchmarks import load_definitions, load_items  # noqa: E402
-from flows.evaluate.bisect import bisect_culprits, max_passes  # noqa: E402
+from flows.evaluate.bisect import accuracy_measure, bisect_culprits, max_passes  # noqa: E402
 from flows.evaluate.client import ask_stack  # noqa: E402
 from flows.evaluate.gate import item_means  # noqa: E402
 from flows.evaluate.local import local_engine  # noqa: E402
@@ -70,8 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         [results], _ = serve_and_ask(environment, [by_id[i] for i in ids])
         return item_means(results), len(results)
 
-    diagnosis = bisect_culprits("arithmetic", ran, item_means(native), item_means(flagos), ask, 3600,
-                                (3 * len(items), baseline_s), print)
+    measure = accuracy_measure(item_means(native), item_means(flagos), ask)
+    diagnosis = bisect_culprits("arithmetic", ran, measure, 3600, (3 * len(items), baseline_s), print)
     per_pass = diagnosis.seconds / len(diagnosis.probes)
     summary = {"items": len(items), "fault": args.fault, "operators_ran": ran, "culprits": diagnosis.culprits,
                "passes": len(diagnosis.probes), "extra_requests": diagnosis.requests,
