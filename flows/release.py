@@ -11,6 +11,8 @@ from prefect.cache_policies import NO_CACHE
 from flows.build.image import ImageRef, build_release_image, ensure_local_image, existing_image
 from flows.connections import docker_client, registry_client, registry_for
 from flows.errors import FlagReleaseError
+from flows.evaluate.container import stack_volumes
+from flows.evaluate.perf import image_bench
 from flows.evaluate.stage import (Endpoint, Evaluation, EvaluationFailed, EvaluationReport, evaluate, image_sources,
                                   write_report)
 from flows.evaluate.store import ResultStore
@@ -129,7 +131,9 @@ def evaluate_stage(plan: Plan, image: ImageRef, weights: WeightsManifest, settin
     evaluation = Evaluation(plan=plan, benchmarks_file=settings.project_dir / "benchmarks.yaml",
                             store=store, candidate=candidate,
                             reference=reference, operators=recorded_operators(outputs),
-                            concurrency=settings.eval_concurrency, bisect_timeout_s=settings.bisect_timeout_s)
+                            concurrency=settings.eval_concurrency, bisect_timeout_s=settings.bisect_timeout_s,
+                            bench=image_bench(client, image.by_digest, stack_volumes(
+                                Path(weights.folder), settings.engine_cache_dir, "ro")) if client else None)
     report = evaluate(evaluation, client, logger.info, settings.serve_timeout_s)
     path = write_report(report, outputs)
     create_table_artifact(key=f"evaluation-{plan.release}", table=evaluation_table(report),

@@ -7,6 +7,7 @@ from pathlib import Path
 import jinja2
 
 from flows.evaluate.operators import OperatorUse
+from flows.evaluate.perf import perf_markdown
 from flows.evaluate.stage import EvaluationReport
 from flows.plan import Plan
 from kernels.report import consistency_markdown
@@ -25,7 +26,8 @@ def plan_markdown(plan: Plan, plan_path: Path) -> str:
 
 
 def evaluation_markdown(report: EvaluationReport) -> str:
-    return _ENV.get_template("evaluation.md.j2").render(report=report, operators_table=consistency_markdown(report.operators))
+    return _ENV.get_template("evaluation.md.j2").render(report=report, operators_table=consistency_markdown(report.operators),
+                                                        perf_table=perf_markdown(report.perf_by_stack()))
 
 
 def evaluation_table(report: EvaluationReport) -> list[dict[str, str]]:

@@ -37,6 +37,11 @@ class ServeRequest:
     cache: Path | None = None  # mounted read-write at the image's cache path
 
 
+def stack_volumes(weights: Path, cache: Path | None, cache_mode: str = "rw") -> list[str]:
+    """The weights (read-only) and the engine's cache where the image expects them."""
+    return [f"{weights}:{MODEL_MOUNT}:ro", *([f"{cache}:{CACHE_MOUNT}:{cache_mode}"] if cache is not None else [])]
+
+
 @contextmanager
 def served(client: docker.DockerClient, request: ServeRequest, log: Callable[[str], None],
            timeout_s: float = 180.0) -> Iterator[str]:
@@ -44,10 +49,9 @@ def served(client: docker.DockerClient, request: ServeRequest, log: Callable[[st
     options = run_options(request.flags)
     options.setdefault("environment", {}).update(request.environment)
     host_network = options.get("network_mode") == "host"
-    volumes = [*options.pop("volumes", []), f"{request.weights}:{MODEL_MOUNT}:ro"]
     if request.cache is not None:
         request.cache.mkdir(parents=True, exist_ok=True)
-        volumes.append(f"{request.cache}:{CACHE_MOUNT}")
+    volumes = [*options.pop("volumes", []), *stack_volumes(request.weights, request.cache)]
     ports = {} if host_network else {f"{request.port}/tcp": ("127.0.0.1", None)}
     _remove_stale(client, request.name)
     container = client.containers.run(request.image, name=request.name, detach=True, volumes=volumes, ports=ports,

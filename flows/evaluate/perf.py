@@ -1,22 +1,38 @@
-"""Serving performance next to accuracy: output tokens/s and time to first token at a few concurrencies.
+"""Serving performance next to accuracy, measured by vLLM's own serving benchmark (`vllm bench serve`).
 
-Streaming chat requests with a fixed prompt set and `max_tokens`; output tokens are counted one per content chunk
-(vLLM streams a token per chunk; `stream_options` is not sent, so any OpenAI server that streams can be measured).
-Not gated by default; a suite's `perf_min_ratio` gates every concurrency on FlagOS/native throughput. A level
-where nothing could be counted says why ("not measured"), never 0 tokens/s as if measured.
+The same client measures both stacks: the vLLM of the release image (or of `.venv-engine` on a host without
+Docker), on the host's network, against each stack's OpenAI URL. It reads the served model from `/v1/models`
+and loads the tokenizer from the path the server reports (`root`), so it sees the stack's own weights and cache
+mounts. Every level asks the same prompts (the random dataset with one seed) for the same number of tokens
+(`--ignore-eos`, so a stack that stops early cannot look fast). Not gated by default; a suite's `perf_min_ratio`
+gates every concurrency on FlagOS/native output tokens/s. A level the benchmark could not measure says why
+("not measured"), never 0 tokens/s as if measured.
 """
 
 from __future__ import annotations
 
-import asyncio
-import statistics
-import time
+import json
+import os
+import subprocess
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
 
-import openai
+import docker
+import requests
 from pydantic import BaseModel, ConfigDict
 
-PROMPTS = ("Write a short story about a lighthouse keeper.", "Explain how a bicycle stays upright.",
-           "Describe the water cycle to a child.", "List some uses of copper and why.")
+METHOD = "vllm bench serve"
+PERF_METHOD_KEY = "vllm-bench-serve"  # names stored measurements
+RESULT_FILE = "result.json"
+CONTAINER_RESULTS = "/bench-results"
+TIMEOUT_S = 900.0
+LOG_TAIL = 8  # lines of the benchmark's output quoted when it fails
+CLIENT_ENV = {"HF_HUB_OFFLINE": "1", "VLLM_PLUGINS": ""}  # a client, not an engine: no hub, no operator plugin
+
+BenchRunner = Callable[[list[str], Path], tuple[int, str]]
+"""Runs `vllm <arguments>` writing its result file into the given host folder; returns the exit code and the
+output's tail."""
 
 
 class PerfPoint(BaseModel):
@@ -24,51 +40,118 @@ class PerfPoint(BaseModel):
 
     concurrency: int
     requests: int
+    input_tokens: int  # per request
+    output_tokens: int  # per request (ignore_eos)
     output_tokens_per_s: float
+    total_tokens_per_s: float
     ttft_median_s: float | None  # None when no request succeeded
+    tpot_median_s: float | None
     errors: int
-    not_measured: str | None = None  # why no throughput could be measured (then output_tokens_per_s is 0)
+    not_measured: str | None = None  # why no throughput could be measured (then the rates are 0)
 
 
-async def _measure(base_url: str, model: str, concurrency: int, requests_per_level: int, max_tokens: int) -> PerfPoint:
-    client = openai.AsyncOpenAI(base_url=base_url, api_key="EMPTY", max_retries=0, timeout=300)
-    gate = asyncio.Semaphore(concurrency)
+def image_bench(client: docker.DockerClient, image: str, volumes: list[str]) -> BenchRunner:
+    """The benchmark client of `image`, in a throwaway container on the host network with the stacks' `volumes`
+    (read-only), so the tokenizer path a served stack reports resolves here too."""
+    def run(arguments: list[str], results: Path) -> tuple[int, str]:
+        container = client.containers.run(
+            image, [*arguments, "--result-dir", CONTAINER_RESULTS], entrypoint=["vllm"], network_mode="host",
+            volumes=[*volumes, f"{results}:{CONTAINER_RESULTS}"], environment=CLIENT_ENV,
+            labels={"flagrelease.role": "benchmark"}, detach=True)
+        try:
+            code = container.wait(timeout=TIMEOUT_S)["StatusCode"]
+            return code, container.logs(tail=LOG_TAIL).decode(errors="replace")
+        finally:
+            container.remove(force=True)
+    return run
 
-    async def one(index: int) -> tuple[float, int] | None:
-        async with gate:
-            started = time.perf_counter()
-            first, tokens = None, 0
+
+def local_bench(vllm: Path) -> BenchRunner:
+    """The benchmark client of a local vLLM installation (chip hosts without Docker, the tests' `.venv-engine`)."""
+    def run(arguments: list[str], results: Path) -> tuple[int, str]:
+        done = subprocess.run([str(vllm), *arguments, "--result-dir", str(results)], capture_output=True, text=True,
+                              timeout=TIMEOUT_S, env={**os.environ, **CLIENT_ENV})
+        return done.returncode, "\n".join((done.stdout + done.stderr).strip().splitlines()[-LOG_TAIL:])
+    return run
+
+
+def bench_arguments(base_url: str, concurrency: int, requests: int, input_tokens: int, output_tokens: int) -> list[str]:
+    return ["bench", "serve", "--backend", "openai-chat", "--endpoint", "/v1/chat/completions",
+            "--base-url", base_url.removesuffix("/").removesuffix("/v1"), "--dataset-name", "random",
+            "--random-input-len", str(input_tokens), "--random-output-len", str(output_tokens),
+            "--num-prompts", str(requests), "--max-concurrency", str(concurrency), "--ignore-eos", "--seed", "0",
+            "--temperature", "0", "--disable-tqdm", "--save-result", "--result-filename", RESULT_FILE]
+
+
+def point_from_result(result: dict, concurrency: int, requests: int, input_tokens: int, output_tokens: int) -> PerfPoint:
+    """One level from the benchmark's saved result (its own field names and units: ms, tokens/s)."""
+    completed, failed = int(result["completed"]), int(result["failed"])
+    errors = [e for e in result.get("errors", []) if e]
+    shape = dict(concurrency=concurrency, requests=requests, input_tokens=input_tokens, output_tokens=output_tokens,
+                 errors=failed)
+    if completed == 0:
+        return PerfPoint(**shape, output_tokens_per_s=0.0, total_tokens_per_s=0.0, ttft_median_s=None,
+                         tpot_median_s=None, not_measured=f"all {requests} benchmark requests failed"
+                         + (f": {errors[0].strip().splitlines()[-1][:200]}" if errors else ""))
+    produced = int(result["total_output_tokens"])
+    if produced != completed * output_tokens:  # equal work on both stacks, or the rates compare nothing
+        return PerfPoint(**shape, output_tokens_per_s=0.0, total_tokens_per_s=0.0, ttft_median_s=None,
+                         tpot_median_s=None, not_measured=f"{completed} requests produced {produced} output tokens, "
+                         f"not {output_tokens} each: the stack did not honour max_tokens with ignore_eos, so its "
+                         "rate would not compare with the other stack's")
+    return PerfPoint(**shape, output_tokens_per_s=float(result["output_throughput"]),
+                     total_tokens_per_s=float(result["total_token_throughput"]),
+                     ttft_median_s=float(result["median_ttft_ms"]) / 1000,
+                     tpot_median_s=float(result["median_tpot_ms"]) / 1000)
+
+
+def measure_serving(bench: BenchRunner | None, base_url: str, concurrencies: tuple[int, ...] = (4,),
+                    requests_per_level: int = 4, input_tokens: int = 32, output_tokens: int = 16,
+                    why_no_bench: str = "no vLLM benchmark client here") -> list[PerfPoint]:
+    """Each concurrency measured by `bench` (at least `requests_per_level` requests, and never fewer than the
+    concurrency asks for at once)."""
+    points = []
+    for concurrency in concurrencies:
+        requests = max(requests_per_level, concurrency)
+        shape = dict(concurrency=concurrency, requests=requests, input_tokens=input_tokens,
+                     output_tokens=output_tokens, output_tokens_per_s=0.0, total_tokens_per_s=0.0, ttft_median_s=None,
+                     tpot_median_s=None, errors=0)
+        if bench is None:
+            points.append(PerfPoint(**shape, not_measured=why_no_bench))
+            continue
+        with tempfile.TemporaryDirectory(prefix="flagrelease-bench-") as folder:
+            arguments = bench_arguments(base_url, concurrency, requests, input_tokens, output_tokens)
             try:
-                stream = await client.chat.completions.create(
-                    model=model, messages=[{"role": "user", "content": PROMPTS[index % len(PROMPTS)]}],
-                    max_tokens=max_tokens, temperature=0.0, stream=True)
-                async for chunk in stream:
-                    if chunk.choices and chunk.choices[0].delta.content:
-                        first = first or time.perf_counter() - started
-                        tokens += 1
-            except openai.OpenAIError:
-                return None
-            return (first if first is not None else time.perf_counter() - started), tokens
-
-    try:
-        started = time.perf_counter()
-        outcomes = await asyncio.gather(*(one(i) for i in range(requests_per_level)))
-        elapsed = time.perf_counter() - started
-    finally:
-        await client.close()
-    done = [o for o in outcomes if o is not None]
-    streamed = sum(tokens for _, tokens in done)
-    not_measured = None
-    if not done:
-        not_measured = f"all {requests_per_level} streaming requests failed"
-    elif streamed == 0:
-        not_measured = "the endpoint streamed no content chunks (it may not stream), so no tokens could be counted"
-    return PerfPoint(concurrency=concurrency, requests=requests_per_level,
-                     output_tokens_per_s=sum(tokens for _, tokens in done) / elapsed,
-                     ttft_median_s=statistics.median(ttft for ttft, _ in done) if done else None,
-                     errors=len(outcomes) - len(done), not_measured=not_measured)
+                code, output = bench(arguments, Path(folder))
+            except (subprocess.TimeoutExpired, docker.errors.DockerException, requests.RequestException,
+                    OSError) as exc:
+                code, output = -1, f"{type(exc).__name__}: {exc}"
+            result = Path(folder) / RESULT_FILE
+            if code != 0 or not result.is_file():
+                last = output.strip().splitlines()[-1][:300] if output.strip() else "no output"
+                points.append(PerfPoint(**shape, not_measured=f"{METHOD} exited with {code}: {last}"))
+                continue
+            points.append(point_from_result(json.loads(result.read_text()), concurrency, requests, input_tokens,
+                                            output_tokens))
+    return points
 
 
-def measure_serving(base_url: str, model: str, concurrencies: tuple[int, ...] = (4,), requests_per_level: int = 4,
-                    max_tokens: int = 16) -> list[PerfPoint]:
-    return [asyncio.run(_measure(base_url, model, c, requests_per_level, max_tokens)) for c in concurrencies]
+def perf_markdown(perf: dict[str, list[PerfPoint]]) -> str:
+    """The report's and the card's table: each stack's levels, with FlagOS/native output tokens/s beside FlagOS."""
+    native = {p.concurrency: p for p in perf.get("native", []) if not p.not_measured}
+    rows = ["| stack | concurrency | requests x (input + output tokens) | output tokens/s | total tokens/s "
+            "| TTFT median (ms) | TPOT median (ms) | errors | FlagOS / native output tokens/s |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for stack, points in perf.items():
+        for p in points:
+            shape = f"{p.requests} x ({p.input_tokens} + {p.output_tokens})"
+            if p.not_measured:
+                rows.append(f"| {stack} | {p.concurrency} | {shape} | not measured: {p.not_measured} | — | — | — | "
+                            f"{p.errors} | — |")
+                continue
+            base = native.get(p.concurrency)
+            ratio = f"{p.output_tokens_per_s / base.output_tokens_per_s:.2f}" if stack == "flagos" and base else "—"
+            rows.append(f"| {stack} | {p.concurrency} | {shape} | {p.output_tokens_per_s:.1f} | "
+                        f"{p.total_tokens_per_s:.1f} | {p.ttft_median_s * 1000:.0f} | {p.tpot_median_s * 1000:.0f} | "
+                        f"{p.errors} | {ratio} |")
+    return "\n".join(rows) if len(rows) > 2 else "Not measured: no stack was served here."

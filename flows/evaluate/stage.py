@@ -31,7 +31,7 @@ from flows.evaluate.gate import BenchmarkGate, Verdict, gate_results, holm, item
 from flows.evaluate.logprobs import (METRIC_NAMES, ItemScores, NotScored, TokenSignal, departure, score_replies,
                                      token_agreement, token_signal, token_signal_not_measured)
 from flows.evaluate.operators import OperatorUse, StackRefused, check_switch, operator_report, served_identity, usage
-from flows.evaluate.perf import PerfPoint, measure_serving
+from flows.evaluate.perf import METHOD, BenchRunner, PerfPoint, measure_serving
 from flows.evaluate.signal import Signal, consistency_signal
 from flows.evaluate.store import (ReferenceUnavailable, ResultKey, ResultStore, Stack, prompts_digest, scored_replies,
                                   stack_description)
@@ -140,6 +140,9 @@ class EvaluationReport(BaseModel):
     publish_when_better: bool = False  # the suite's opt-in: DIFFERS (FlagOS better beyond the margin) may publish
     thinking: str | None = None  # the suite's thinking mode for a thinking model: "disabled" or "enabled"
 
+    def perf_by_stack(self) -> dict[str, list[PerfPoint]]:
+        return {s.stack: s.points for s in self.perf}
+
     def operator_use(self, role: str) -> OperatorUse | None:
         """One stack's operator calls summed over the suite, with its engine (None: it answered nothing here)."""
         uses = [o.operators[role] for o in self.outcomes if role in o.operators]
@@ -243,6 +246,7 @@ class Evaluation:
     operators: list[OpResult]
     concurrency: int = 4
     perf_concurrencies: tuple[int, ...] = (4,)  # interpreted kernels pay ~1 s a decode step: keep it short
+    bench: BenchRunner | None = None  # vLLM's serving benchmark client (None: performance is not measured)
     # Off only where the stacks are not FlagOS engines by design (the gate's quantisation controls in tests)
     verify_operators: bool = True
     bisect_timeout_s: float = 3600.0  # no bisection pass starts after this
@@ -617,14 +621,15 @@ def _perf(evaluation: Evaluation, stacks: Stacks, source: StackSource, log: Call
     stored = evaluation.store.load_perf(stack)
     if stored is not None:
         return stored
-    points = measure_serving(stacks.url(source), evaluation.plan.model.served_name, evaluation.perf_concurrencies)
+    points = measure_serving(evaluation.bench, stacks.url(source), evaluation.perf_concurrencies)
     for point in points:
         if point.not_measured:
             log(f"{stack.role} serving at concurrency {point.concurrency}: not measured ({point.not_measured})")
             continue
-        ttft = f"{point.ttft_median_s * 1000:.0f} ms" if point.ttft_median_s is not None else "n/a"
-        log(f"{stack.role} serving at concurrency {point.concurrency}: {point.output_tokens_per_s:.1f} output "
-            f"tokens/s, TTFT median {ttft}, {point.errors} error(s)")
+        log(f"{stack.role} serving at concurrency {point.concurrency} ({METHOD}, {point.requests} requests of "
+            f"{point.input_tokens} + {point.output_tokens} tokens): {point.output_tokens_per_s:.1f} output tokens/s, "
+            f"{point.total_tokens_per_s:.1f} total tokens/s, TTFT median {point.ttft_median_s * 1000:.0f} ms, "
+            f"TPOT median {point.tpot_median_s * 1000:.0f} ms, {point.errors} error(s)")
     if not any(point.not_measured for point in points):
         evaluation.store.save_perf(stack, points)  # a failed measurement is tried again next run
     return points

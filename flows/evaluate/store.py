@@ -20,7 +20,7 @@ from flows.errors import FlagReleaseError
 from flows.evaluate.client import ItemResult, read_results, write_results
 from flows.evaluate.logprobs import ItemScores, text_hash
 from flows.evaluate.operators import OperatorUse
-from flows.evaluate.perf import PerfPoint
+from flows.evaluate.perf import PERF_METHOD_KEY, PerfPoint
 from flows.files import write_atomic, write_model
 
 
@@ -151,12 +151,16 @@ class ResultStore:
         return [ItemScores.model_validate_json(line) for line in path.read_text().splitlines() if line.strip()]
 
     def save_perf(self, stack: Stack, points: list[PerfPoint]) -> Path:
-        return write_atomic(self.root / "perf" / f"{stack.digest}.json",
+        return write_atomic(self._perf_path(stack),
                             json.dumps([p.model_dump() for p in points], indent=2) + "\n")
 
     def load_perf(self, stack: Stack) -> list[PerfPoint] | None:
-        path = self.root / "perf" / f"{stack.digest}.json"
+        path = self._perf_path(stack)
         return [PerfPoint.model_validate(p) for p in json.loads(path.read_text())] if path.exists() else None
+
+    def _perf_path(self, stack: Stack) -> Path:
+        """Keyed by the measuring method too: numbers of another client are not these numbers."""
+        return self.root / "perf" / f"{stack.digest}.{PERF_METHOD_KEY}.json"
 
     @staticmethod
     def _record(stem: Path) -> StoredResults:

@@ -6,6 +6,7 @@ sentence cut short.
 
 from __future__ import annotations
 
+import itertools
 import re
 import shlex
 from pathlib import Path
@@ -18,6 +19,7 @@ from flows.build.image import ImageRef
 from flows.errors import FlagReleaseError
 from flows.evaluate.gate import Verdict
 from flows.evaluate.operators import OperatorUse
+from flows.evaluate.perf import perf_markdown
 from flows.evaluate.stage import EvaluationReport
 from flows.matrix import NATIVE_REFERENCE
 from flows.plan import Plan
@@ -70,6 +72,8 @@ class CardData(BaseModel):
     scores: list[ScoreRow]
     consistency_claim: str
     token_summary: str
+    perf_table: str
+    perf_gate: str
     operators: list[str]
     operator_summary: str
     image_contents: str
@@ -164,6 +168,13 @@ def token_summary(report: EvaluationReport) -> str:
                      + (f"; native against itself {floor.top1:.4f}, {floor.mean_abs_delta:.3g}, {floor.mean_kl:.3g}"
                         if floor else "") + f"; {gated}")
     return "; ".join(parts) or "not measured"
+
+
+def perf_gate(plan: Plan, report: EvaluationReport) -> str:
+    if report.perf_verdict is None:
+        return "recorded, not gated"
+    return (f"gated at FlagOS / native output tokens/s >= {plan.suite.perf_min_ratio} at every concurrency: "
+            f"{report.perf_verdict.value}")
 
 
 def score_rows(report: EvaluationReport) -> list[ScoreRow]:
@@ -287,6 +298,7 @@ def card_data(plan: Plan, image: ImageRef, image_config: dict, report: Evaluatio
                          f"{plan.model.display_name} on the native {reference_vendor} stack"),
         reference_column=f"{plan.model.display_name}-{reference_vendor}-native",
         scores=score_rows(report), consistency_claim=consistency_claim(report), token_summary=token_summary(report),
+        perf_table=perf_markdown(report.perf_by_stack()), perf_gate=perf_gate(plan, report),
         operators=operator_names or ["none recorded"],
         image_contents=(f"{serving} with PyTorch {versions.get('torch', 'unknown')}, Triton "
                         f"{versions.get('triton', 'unknown')} and our Triton kernels, switched on by USE_FLAGGEMS=1"),
@@ -358,7 +370,10 @@ def validate_card(text: str) -> list[str]:
 
 def _score_problems(text: str) -> list[str]:
     section = text.split("## Evaluation Results", 1)[-1].split("\n## ", 1)[0]
-    rows = [line for line in section.splitlines() if line.startswith("|")][2:]
+    lines = section.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("|")), len(lines))
+    table = list(itertools.takewhile(lambda line: line.startswith("|"), lines[start:]))  # the section's first
+    rows = table[2:]
     if not rows:
         return ["the evaluation table has no rows"]
     problems = []

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from flows.build.wheels import ENGINE_VENV
 from flows.evaluate.gate import Verdict
+from flows.evaluate.perf import local_bench
 from flows.evaluate.stage import Endpoint, Evaluation, evaluate, image_sources
 from flows.evaluate.store import ResultStore
 from flows.matrix import Benchmark, Suite, load_matrix
@@ -40,7 +42,8 @@ def run(plan: Plan, store: Path, candidate: str, reference: str | None, lines: l
         Endpoint(reference, names[1]) if reference else None)
     evaluation = Evaluation(plan=plan, benchmarks_file=benchmarks_file, store=ResultStore(store),
                             candidate=candidate_source, reference=reference_source, operators=OPERATORS,
-                            perf_concurrencies=(1, 2), verify_operators=verify_operators)
+                            perf_concurrencies=(1, 2), verify_operators=verify_operators,
+                            bench=local_bench(PROJECT_DIR / ENGINE_VENV / "bin" / "vllm"))
     return evaluate(evaluation, None, lines.append)
 
 
@@ -76,9 +79,11 @@ def test_the_same_stack_passes_renders_and_is_reused_without_asking_again(two_st
     assert arithmetic.signal.flagos.identical == arithmetic.signal.baseline.identical == 1.0  # native asked twice
     assert arithmetic.signal.verdict is None  # reported, not gated: the suite sets no max_identical_drop_pp
     assert {p.stack for p in report.perf} == {"native", "flagos"}
-    assert all(p.output_tokens_per_s > 0 and p.errors == 0 for s in report.perf for p in s.points)
+    assert all(p.output_tokens_per_s > 0 and p.tpot_median_s > 0 and p.errors == 0 and p.not_measured is None
+               for s in report.perf for p in s.points)
     markdown = evaluation_markdown(report)
     assert "**PASS**" in markdown and f"| arithmetic | {ITEMS} x 1 |" in markdown and "| rms_norm | bfloat16 |" in markdown
+    assert "vllm bench serve" in markdown and "| flagos | 2 | 4 x (32 + 16) |" in markdown  # with its ratio to native
     assert [row["benchmark"] for row in evaluation_table(report)] == ["arithmetic", "mmlu"]
     assert evaluation_table(report)[1]["verdict"].endswith("(not gated)")
     assert any(f"asking the flagos stack {ITEMS} items x 1 repeat(s)" in line for line in lines)

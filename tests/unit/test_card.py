@@ -11,7 +11,8 @@ import pytest
 from flows.build.image import ImageRef
 from flows.evaluate.gate import holm, paired_gate, suite_verdict
 from flows.evaluate.operators import OperatorCount, OperatorUse
-from flows.evaluate.stage import BenchmarkOutcome, EvaluationReport
+from flows.evaluate.perf import PerfPoint
+from flows.evaluate.stage import BenchmarkOutcome, EvaluationReport, StackPerf
 from flows.matrix import load_matrix
 from flows.plan import resolve
 from flows.publish.card import (REQUIRED_SECTIONS, CardError, card_data, changelog, render_card, validate_card)
@@ -75,9 +76,11 @@ IMAGE_CONFIG = {"docker_version": "20.10.24+dfsg1", "config": {"Labels": {
     "flagrelease.kernels-manifest": "/opt/flagos/kernels-manifest.json@sha256:1234"}}}
 
 
-def render(release: str = "qwen3-iluvatar", drops=None, previous=None, mode: str = "interpreted") -> str:
+def render(release: str = "qwen3-iluvatar", drops=None, previous=None, mode: str = "interpreted",
+           perf: list[StackPerf] | None = None) -> str:
     plan = plan_for(release)
     report = report_for(plan, drops or {"livebench": 0.0, "aime": 0.01, "gpqa": 0.0, "mmlu": 0.0, "musr": 0.005}, mode)
+    report = report.model_copy(update={"perf": perf or []})
     image = ImageRef(repository=plan.repository, version=plan.short_fingerprint, digest=DIGEST, built=True, pushed=True)
     lines = changelog(previous, plan, report, {"flagscale": "0.8.0", "flaggems": "5.0.2"})
     return render_card(card_data(plan, image, IMAGE_CONFIG, report, weights_for(plan), "Nvidia", lines), PROJECT_DIR / "templates")
@@ -102,6 +105,18 @@ def test_the_card_has_every_section_and_only_measured_values():
     assert "--shm-size=32g --privileged --cap-add=ALL --pid=host --net=host" in run_line and " -p " not in run_line
     assert 'model="qwen3-30b-a3b-flagos"' in card and "print(response.choices[0].message.content)" in card
     assert "- First published release of this model on this chip." in card
+    assert validate_card(card) == []
+
+
+def test_the_card_shows_vllms_serving_benchmark_with_the_ratio():
+    def level(rate: float) -> PerfPoint:
+        return PerfPoint(concurrency=4, requests=4, input_tokens=32, output_tokens=16, output_tokens_per_s=rate,
+                         total_tokens_per_s=3 * rate, ttft_median_s=0.5, tpot_median_s=0.25, errors=0)
+
+    card = render(perf=[StackPerf(stack="native", points=[level(40.0)]), StackPerf(stack="flagos", points=[level(10.0)])])
+    assert "vLLM's own serving benchmark (`vllm bench serve`) with the same prompts on both stacks (recorded, not gated)" in card
+    assert "| flagos | 4 | 4 x (32 + 16) | 10.0 | 30.0 | 500 | 250 | 0 | 0.25 |" in card
+    assert "Not measured: no stack was served here." in render()
     assert validate_card(card) == []
 
 

@@ -67,6 +67,7 @@ def test_a_reference_under_another_key_is_refused_showing_both_keys(tmp_path: Pa
 
 def test_perf_points_are_kept_per_stack(tmp_path: Path):
     store = ResultStore(tmp_path)
-    points = [PerfPoint(concurrency=1, requests=8, output_tokens_per_s=50.0, ttft_median_s=0.2, errors=0)]
+    points = [PerfPoint(concurrency=1, requests=8, input_tokens=32, output_tokens=16, output_tokens_per_s=50.0,
+                        total_tokens_per_s=150.0, ttft_median_s=0.2, tpot_median_s=0.02, errors=0)]
     store.save_perf(NATIVE, points)
     assert store.load_perf(NATIVE) == points and store.load_perf(FLAGOS) is None
