@@ -1,5 +1,5 @@
 """Our vLLM plugin on a GPU, judged by the project's own evaluate stage (lent H200: benchmarks/h200-2026-12-04-vllm,
-benchmarks/h200-2026-12-05-tokens).
+benchmarks/h100-2026-12-05-tokens: the lent kind came as an H100).
 
 vLLM serves one converted checkpoint (bf16, our kernels compiled by Triton) as four stacks on one GPU, each with
 the operator report (engine/report.py) and our plugin found through its `vllm.general_plugins` entry point:
