@@ -149,16 +149,27 @@ def _plan(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _prepare(args: argparse.Namespace, settings: Settings) -> int:
+    """The Debian bases and the engine's wheels come from different servers: fetched at once, each step timed."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
     from flows.build.base import base_tarball
     from flows.build.wheels import engine_environment
 
     def log(message: str) -> None:
         console.print(f"prepare: {message}", highlight=False)
 
-    for chip in _matrix(settings).chips.values():
-        if chip.base_debootstrap is not None:
-            log(f"{chip.name} base: {base_tarball(chip.base_debootstrap, log)}")
-    log(f"engine environment (the cpu image's wheels): {engine_environment(settings.project_dir, log)}")
+    def timed(what: str, make) -> None:
+        started = time.monotonic()
+        made = make()
+        log(f"{what}: {made} ({time.monotonic() - started:.0f} s)")
+
+    steps = [(f"{chip.name} base", lambda recipe=chip.base_debootstrap: base_tarball(recipe, log))
+             for chip in _matrix(settings).chips.values() if chip.base_debootstrap is not None]
+    steps.append(("engine environment (the cpu image's wheels)", lambda: engine_environment(settings.project_dir, log)))
+    with ThreadPoolExecutor(max_workers=len(steps)) as pool:
+        for done in [pool.submit(timed, what, make) for what, make in steps]:
+            done.result()
     return 0
 
 

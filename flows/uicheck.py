@@ -36,7 +36,7 @@ def check_page(url: str, screenshot: Path, expect: list[str], budget_ms: int = 2
     """Render `url` (the SPA gets `budget_ms` of virtual time to fetch and draw), screenshot it, find `expect`."""
     browser = chromium()
     if browser is None:
-        raise RuntimeError("chromium is not installed: bash scripts/setup.sh --with-browser")
+        raise RuntimeError("chromium is not installed: bash scripts/setup.sh --for-tests")
     with tempfile.TemporaryDirectory(prefix="flagrelease-chromium-") as profile:
         common = [browser, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--window-size=1600,1000",
                   f"--virtual-time-budget={budget_ms}"]

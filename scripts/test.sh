@@ -5,6 +5,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 started=$SECONDS
-bash scripts/setup.sh --with-browser
+bash scripts/setup.sh --for-tests
 echo "test.sh: set-up took $(( (SECONDS - started) / 60 )) min $(( (SECONDS - started) % 60 )) s"
 exec .venv/bin/python -m pytest "$@"

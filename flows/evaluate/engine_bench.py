@@ -1,8 +1,9 @@
 """The FlagOS stack's cost through the engine on this machine, as a ratio against the native stack measured in the
 same run: the same image path (`flagscale serve` -> vLLM, eager) with USE_FLAGGEMS 1 vs 0, the cpu suite's
-arithmetic prompts sent at once, generated tokens/s and start-to-ready seconds of each stack.
+arithmetic prompts sent at once, generated tokens/s and start-to-ready seconds of each stack; then vLLM's own
+serving benchmark (`vllm bench serve`, as the evaluate stage runs it) at each of --concurrencies.
 
-    python -m flows.evaluate.engine_bench [--items 64] [--gguf PATH] [--json FILE]
+    python -m flows.evaluate.engine_bench [--items 64] [--concurrencies 1,4,16] [--gguf PATH] [--json FILE]
 
 Results in BENCHMARKS.md. Needs `.venv-engine` (`flagrelease prepare`) and the SmolLM2 GGUF (the weights stage puts
 it in ~/.cache/flagrelease)."""
@@ -15,16 +16,18 @@ import time
 from pathlib import Path
 
 from flows.build.cache import cache_root
+from flows.build.wheels import ENGINE_VENV
 from flows.evaluate.benchmarks import load_definitions, load_items
 from flows.evaluate.client import ask_stack
 from flows.evaluate.local import local_engine
+from flows.evaluate.perf import local_bench, measure_serving
 from flows.matrix import load_matrix
 from flows.settings import PROJECT_DIR
 
 SERVED_NAME = "smollm2-135m-flagos"
 
 
-def stack(gguf: Path, flagos: bool, items: int) -> dict[str, float]:
+def stack(gguf: Path, flagos: bool, items: int, concurrencies: tuple[int, ...]) -> dict[str, object]:
     definition = load_definitions(PROJECT_DIR / "benchmarks.yaml").benchmarks["arithmetic"]
     questions = load_items("arithmetic", definition, items)
     serve = load_matrix(PROJECT_DIR / "releases.yaml").chips["cpu"].serve
@@ -36,10 +39,11 @@ def stack(gguf: Path, flagos: bool, items: int) -> dict[str, float]:
         began = time.perf_counter()
         results = ask_stack(url, SERVED_NAME, questions, definition, concurrency=items)
         elapsed = time.perf_counter() - began
+        served = measure_serving(local_bench(PROJECT_DIR / ENGINE_VENV / "bin" / "vllm"), url, concurrencies)
     tokens = sum(r.completion_tokens for r in results)
     return {"ready_s": round(ready_s, 1), "items_per_s": round(items / elapsed, 3),
             "generated_tokens_per_s": round(tokens / elapsed, 2), "generated_tokens": tokens,
-            "errors": sum(r.error is not None for r in results)}
+            "errors": sum(r.error is not None for r in results), "vllm_bench_serve": [p.model_dump() for p in served]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,14 +52,21 @@ def main(argv: list[str] | None = None) -> int:
     found = sorted((cache_root() / "test-weights").rglob("*Q4_1.gguf")) + sorted(
         (cache_root() / "weights").rglob("*Q4_1.gguf"))
     parser.add_argument("--gguf", type=Path, default=found[0] if found else None)
+    parser.add_argument("--concurrencies", default="1,4,16", help="levels of `vllm bench serve`, comma-separated")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
+    concurrencies = tuple(int(level) for level in args.concurrencies.split(","))
     if args.gguf is None or not args.gguf.is_file():
         parser.error("no SmolLM2 GGUF found; give --gguf (the weights stage puts it in ~/.cache/flagrelease)")
-    native = stack(args.gguf, False, args.items)
-    flagos = stack(args.gguf, True, args.items)
+    native = stack(args.gguf, False, args.items, concurrencies)
+    flagos = stack(args.gguf, True, args.items, concurrencies)
     ratio = flagos["generated_tokens_per_s"] / native["generated_tokens_per_s"]
-    result = {"items": args.items, "native": native, "flagos": flagos, "flagos_over_native_tokens_per_s": round(ratio, 3)}
+    by_level = {p["concurrency"]: p["output_tokens_per_s"] for p in native["vllm_bench_serve"] if not p["not_measured"]}
+    result = {"items": args.items, "native": native, "flagos": flagos, "flagos_over_native_tokens_per_s": round(ratio, 3),
+              "vllm_bench_serve_output_ratio": {str(p["concurrency"]): round(p["output_tokens_per_s"] /
+                                                                             by_level[p["concurrency"]], 3)
+                                                for p in flagos["vllm_bench_serve"]
+                                                if not p["not_measured"] and p["concurrency"] in by_level}}
     print(json.dumps(result, indent=2))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

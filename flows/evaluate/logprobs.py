@@ -69,6 +69,17 @@ def _position(entry: dict | None, token_id: int) -> Position:
     return Position(logprob=top[str(token_id)], top=top)
 
 
+async def _tokenize(http: httpx.AsyncClient, body: dict, attempts: int = 3) -> httpx.Response:
+    """POST /tokenize, retried as the OpenAI client retries the scoring itself: a dropped connection (a proxy's
+    full backlog, a restart) is no answer, and tokenizing is idempotent."""
+    for attempt in range(attempts - 1):
+        try:
+            return await http.post("/tokenize", json=body)
+        except httpx.TransportError:
+            await asyncio.sleep(0.5 * 2 ** attempt)
+    return await http.post("/tokenize", json=body)
+
+
 async def _score_all(base_url: str, model: str, items: list[Item], replies: dict[str, str], concurrency: int,
                      timeout_s: float) -> list[ItemScores]:
     client = openai.AsyncOpenAI(base_url=base_url, api_key="EMPTY", max_retries=3, timeout=timeout_s)
@@ -78,12 +89,12 @@ async def _score_all(base_url: str, model: str, items: list[Item], replies: dict
     async def score(item: Item) -> ItemScores:
         reply = replies[item.id]
         async with gate:
-            prefix = await http.post("/tokenize", json={"model": model, "add_generation_prompt": True,
-                                                        "messages": [{"role": "user", "content": item.prompt}]})
-            whole = await http.post("/tokenize", json={"model": model, "continue_final_message": True,
-                                                       "add_generation_prompt": False,
-                                                       "messages": [{"role": "user", "content": item.prompt},
-                                                                    {"role": "assistant", "content": reply}]})
+            prefix = await _tokenize(http, {"model": model, "add_generation_prompt": True,
+                                            "messages": [{"role": "user", "content": item.prompt}]})
+            whole = await _tokenize(http, {"model": model, "continue_final_message": True,
+                                           "add_generation_prompt": False,
+                                           "messages": [{"role": "user", "content": item.prompt},
+                                                        {"role": "assistant", "content": reply}]})
             for response in (prefix, whole):
                 if response.status_code != 200:
                     raise NotScored(f"POST /tokenize answered {response.status_code}: {response.text[:200]}")

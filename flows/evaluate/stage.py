@@ -118,6 +118,11 @@ class StackPerf(BaseModel):
     points: list[PerfPoint]
 
 
+def publishable(publish_when_better: bool) -> tuple[Verdict, ...]:
+    """The verdicts a gated benchmark may end with for the release to publish."""
+    return (Verdict.PASS, Verdict.DIFFERS) if publish_when_better else (Verdict.PASS,)
+
+
 class EvaluationReport(BaseModel):
     """What the evaluate stage proved; read by the publish stage and rendered into the card."""
 
@@ -153,8 +158,7 @@ class EvaluationReport(BaseModel):
 
     @property
     def passed(self) -> bool:
-        accepted = (Verdict.PASS, Verdict.DIFFERS) if self.publish_when_better else (Verdict.PASS,)
-        return self.verdict in accepted and self.perf_verdict in (None, Verdict.PASS)
+        return self.verdict in publishable(self.publish_when_better) and self.perf_verdict in (None, Verdict.PASS)
 
     def failure_reason(self) -> str:
         reasons = [f"{o.benchmark}: {o.verdict.value}" + (f" ({o.explanation})" if o.explanation else "")
@@ -311,7 +315,13 @@ def evaluate(evaluation: Evaluation, client: docker.DockerClient | None, log: Ca
             outcomes.append(outcome)
         gates = {g.benchmark: g for g in holm([o.gate for o in outcomes if o.gate is not None])}
         outcomes = [o.model_copy(update={"gate": gates.get(o.benchmark)}) for o in outcomes]
-        measure_perf(evaluation.candidate)
+        accepted = publishable(plan.suite.publish_when_better)
+        blocked = [o.benchmark for o in outcomes if o.gated and o.verdict not in accepted]
+        if blocked:  # nothing publishes: spare the benchmark client's minute
+            log(f"serving performance of the flagos stack not measured: {', '.join(blocked)} did not pass, so "
+                "nothing publishes")
+        else:
+            measure_perf(evaluation.candidate)
         measure_perf(evaluation.reference)
         outcomes = [_diagnosed(evaluation, stacks, o, evidence[o.benchmark], log)
                     if o.gated and o.verdict == Verdict.FAIL and evidence.get(o.benchmark) else o for o in outcomes]

@@ -184,7 +184,7 @@ def test_nightly_rebuild_runs_every_release_and_fails_when_one_fails(stack: Sett
         assert rows[name]["state"].startswith("Failed: release/" + name)
 
 
-@pytest.mark.skipif(chromium() is None, reason="chromium not installed (bash scripts/setup.sh --with-browser)")
+@pytest.mark.skipif(chromium() is None, reason="chromium not installed (bash scripts/setup.sh --for-tests)")
 def test_prefect_ui_lists_every_release_deployment_with_its_schedule(stack: Settings, tmp_path: Path):
     check = check_page(f"{stack.prefect_ui_url}/deployments", tmp_path / "deployments.png",
                        expect=[*MATRIX.spec.releases, "nightly", "every day"])
@@ -192,7 +192,7 @@ def test_prefect_ui_lists_every_release_deployment_with_its_schedule(stack: Sett
     assert check.screenshot.stat().st_size > 20_000  # a rendered page, not a blank one
 
 
-@pytest.mark.skipif(chromium() is None, reason="chromium not installed (bash scripts/setup.sh --with-browser)")
+@pytest.mark.skipif(chromium() is None, reason="chromium not installed (bash scripts/setup.sh --for-tests)")
 def test_prefect_ui_shows_the_evaluation_table_and_the_card(stack: Settings, tmp_path: Path):
     """Each artifact's own page (the key page lists versions; the artifact page renders the content)."""
     expected = {"evaluation-smollm2-cpu": ["arithmetic", "PASS", "rms_norm"],

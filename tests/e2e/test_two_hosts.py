@@ -34,12 +34,13 @@ CHECKOUT = ("flows", "engine", "kernels", "images", "templates", "locks", "relea
             "pyproject.toml")
 DEPENDENT = "smollm2-cpu-b"
 ITEMS = 60
+TOKEN_ITEMS = 8  # scored token by token on host A, found again on host B: a few show that the scores travel
 
 
 def postgres_tool(name: str) -> str:
     found = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))
     if not found:
-        pytest.fail("PostgreSQL is not installed: bash scripts/setup.sh installs Debian's postgresql")
+        pytest.fail("PostgreSQL is not installed: bash scripts/setup.sh --for-tests installs Debian's postgresql")
     return str(found[-1])
 
 
@@ -84,7 +85,7 @@ def checkout(root: Path) -> Path:
         profile.replace("name: cpu\n", "name: cpu-b\n").replace("work_pool: cpu\n", "work_pool: cpu-b\n"))
     matrix = yaml.safe_load((root / "releases.yaml").read_text())
     matrix["chips"].append("cpu-b")
-    matrix["suites"]["cpu-smoke"]["benchmarks"]["arithmetic"]["limit"] = ITEMS
+    matrix["suites"]["cpu-smoke"]["benchmarks"]["arithmetic"].update(limit=ITEMS, token_items=TOKEN_ITEMS)
     matrix["releases"][DEPENDENT] = {"chip": "cpu-b", "model": "smollm2-135m-instruct", "schedule": {"cron": "0 1 * * *"},
                                      "repository": "127.0.0.1:5000/flagrelease/smollm2-135m-cpu-b",
                                      "suite": "cpu-smoke", "reference": "smollm2-cpu"}

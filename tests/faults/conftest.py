@@ -31,7 +31,7 @@ SMALL_SUITE_ITEMS = 60
 SMALL_SUITE = f"""  cpu-smoke:
     version: 1
     benchmarks:
-      arithmetic: {{margin_pp: 3.0, limit: {SMALL_SUITE_ITEMS}, token_items: 16}}
+      arithmetic: {{margin_pp: 3.0, limit: {SMALL_SUITE_ITEMS}, token_items: 8}}
 """
 
 
@@ -93,7 +93,10 @@ class Proxy:
 
             do_GET = do_HEAD = do_PUT = do_POST = do_PATCH = do_DELETE = _forward
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        class Server(http.server.ThreadingHTTPServer):
+            request_queue_size = 128  # the evaluator opens 64 connections at once; a real proxy's backlog is larger
+
+        self.server = Server(("127.0.0.1", free_port()), Handler)
         self.port = self.server.server_address[1]
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 

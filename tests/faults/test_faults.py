@@ -74,6 +74,7 @@ def test_a_broken_integration_fails_the_gate_and_publishes_nothing(bench: Bench)
     assert state.is_failed() and "is not published: arithmetic: FAIL" in state.message
     assert outcome["gate"]["verdict"] == "FAIL" and latest_digest(host) is None
     assert flagos["fault"] == "gate-up-swapped" and sum(o["calls"] for o in flagos["operators"]) > 0
+    assert "flagos" not in {s["stack"] for s in report["perf"]}  # a FAIL publishes nothing: no time spent timing it
     diagnosis = outcome["diagnosis"]
     assert diagnosis["culprits"] == ["silu_and_mul"] and len(diagnosis["probes"]) <= 3
     assert diagnosis["probes"][-1]["operators"] == ["silu_and_mul"] and diagnosis["probes"][-1]["reproduces"]
