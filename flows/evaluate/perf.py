@@ -49,6 +49,13 @@ class PerfPoint(BaseModel):
     errors: int
     not_measured: str | None = None  # why no throughput could be measured (then the rates are 0)
 
+    @classmethod
+    def unmeasured(cls, reason: str, concurrency: int, requests: int, input_tokens: int, output_tokens: int,
+                   errors: int = 0) -> PerfPoint:
+        return cls(concurrency=concurrency, requests=requests, input_tokens=input_tokens, output_tokens=output_tokens,
+                   output_tokens_per_s=0.0, total_tokens_per_s=0.0, ttft_median_s=None, tpot_median_s=None,
+                   errors=errors, not_measured=reason)
+
 
 def image_bench(client: docker.DockerClient, image: str, volumes: list[str]) -> BenchRunner:
     """The benchmark client of `image`, in a throwaway container on the host network with the stacks' `volumes`
@@ -90,15 +97,13 @@ def point_from_result(result: dict, concurrency: int, requests: int, input_token
     shape = dict(concurrency=concurrency, requests=requests, input_tokens=input_tokens, output_tokens=output_tokens,
                  errors=failed)
     if completed == 0:
-        return PerfPoint(**shape, output_tokens_per_s=0.0, total_tokens_per_s=0.0, ttft_median_s=None,
-                         tpot_median_s=None, not_measured=f"all {requests} benchmark requests failed"
-                         + (f": {errors[0].strip().splitlines()[-1][:200]}" if errors else ""))
+        return PerfPoint.unmeasured(f"all {requests} benchmark requests failed"
+                                    + (f": {errors[0].strip().splitlines()[-1][:200]}" if errors else ""), **shape)
     produced = int(result["total_output_tokens"])
     if produced != completed * output_tokens:  # equal work on both stacks, or the rates compare nothing
-        return PerfPoint(**shape, output_tokens_per_s=0.0, total_tokens_per_s=0.0, ttft_median_s=None,
-                         tpot_median_s=None, not_measured=f"{completed} requests produced {produced} output tokens, "
-                         f"not {output_tokens} each: the stack did not honour max_tokens with ignore_eos, so its "
-                         "rate would not compare with the other stack's")
+        return PerfPoint.unmeasured(f"{completed} requests produced {produced} output tokens, not {output_tokens} "
+                                    "each: the stack did not honour max_tokens with ignore_eos, so its rate would "
+                                    "not compare with the other stack's", **shape)
     return PerfPoint(**shape, output_tokens_per_s=float(result["output_throughput"]),
                      total_tokens_per_s=float(result["total_token_throughput"]),
                      ttft_median_s=float(result["median_ttft_ms"]) / 1000,
@@ -112,15 +117,13 @@ def measure_serving(bench: BenchRunner | None, base_url: str, concurrencies: tup
     concurrency asks for at once)."""
     points = []
     for concurrency in concurrencies:
-        requests = max(requests_per_level, concurrency)
-        shape = dict(concurrency=concurrency, requests=requests, input_tokens=input_tokens,
-                     output_tokens=output_tokens, output_tokens_per_s=0.0, total_tokens_per_s=0.0, ttft_median_s=None,
-                     tpot_median_s=None, errors=0)
+        count = max(requests_per_level, concurrency)  # not `requests`: the module is caught below
+        shape = dict(concurrency=concurrency, requests=count, input_tokens=input_tokens, output_tokens=output_tokens)
         if bench is None:
-            points.append(PerfPoint(**shape, not_measured=why_no_bench))
+            points.append(PerfPoint.unmeasured(why_no_bench, **shape))
             continue
         with tempfile.TemporaryDirectory(prefix="flagrelease-bench-") as folder:
-            arguments = bench_arguments(base_url, concurrency, requests, input_tokens, output_tokens)
+            arguments = bench_arguments(base_url, concurrency, count, input_tokens, output_tokens)
             try:
                 code, output = bench(arguments, Path(folder))
             except (subprocess.TimeoutExpired, docker.errors.DockerException, requests.RequestException,
@@ -129,10 +132,9 @@ def measure_serving(bench: BenchRunner | None, base_url: str, concurrencies: tup
             result = Path(folder) / RESULT_FILE
             if code != 0 or not result.is_file():
                 last = output.strip().splitlines()[-1][:300] if output.strip() else "no output"
-                points.append(PerfPoint(**shape, not_measured=f"{METHOD} exited with {code}: {last}"))
+                points.append(PerfPoint.unmeasured(f"{METHOD} exited with {code}: {last}", **shape))
                 continue
-            points.append(point_from_result(json.loads(result.read_text()), concurrency, requests, input_tokens,
-                                            output_tokens))
+            points.append(point_from_result(json.loads(result.read_text()), **shape))
     return points
 
 

@@ -75,3 +75,14 @@ def test_the_table_gives_the_ratio_beside_flagos():
     assert "| flagos | 4 | 8 x (32 + 16) | 240.0 | 720.0 | 100 | 20 | 0 | 0.80 |" in table
     assert "| native | 1 | 8 x (32 + 16) | 100.0 | 300.0 | 100 | 20 | 0 | — |" in table
     assert perf_markdown({}) == "Not measured: no stack was served here."
+
+
+def test_a_client_that_times_out_is_not_measured():
+    """The Docker SDK's wait raises a requests error when the client runs past its time: a reason, not a crash."""
+    import requests
+
+    def stuck(arguments: list[str], results: Path) -> tuple[int, str]:
+        raise requests.ReadTimeout("read timed out")
+
+    [point] = measure_serving(stuck, "http://127.0.0.1:9/v1", (4,))
+    assert point.not_measured == "vllm bench serve exited with -1: ReadTimeout: read timed out"
