@@ -119,7 +119,7 @@ def evaluate_stage(plan: Plan, image: ImageRef, weights: WeightsManifest, settin
     endpoints = [Endpoint(url, name) if url else None for url, name in
                  ((settings.candidate_url, settings.candidate_name), (settings.reference_url, settings.reference_name))]
     candidate, reference = image_sources(plan, image.by_digest, Path(weights.folder), *endpoints,
-                                         settings.engine_cache_dir, settings.candidate_env)
+                                         settings.engine_cache_dir, settings.candidate_env, settings.engine_cpus)
     needs_engine = candidate.serve is not None or (reference is not None and reference.serve is not None)
     client = None
     if needs_engine:

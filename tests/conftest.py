@@ -11,6 +11,7 @@ import shutil
 import signal
 import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,6 +26,15 @@ os.environ["DO_NOT_TRACK"] = "1"
 for _name in [n for n in os.environ if n.startswith("FLAGRELEASE_")]:
     del os.environ[_name]
 
+# scripts/test.sh runs the suite in lanes (pytest-xdist workers gw0, gw1, ..., one test file at a time each). A vLLM
+# CPU worker binds the machine's first core unless told otherwise, so each lane's engines get a core of their own:
+# the release containers through the setting, the engines the tests start locally through vLLM's variable.
+_LANE = os.environ.get("PYTEST_XDIST_WORKER")
+if _LANE is not None:
+    _CORE = str(int(_LANE.removeprefix("gw")) % (os.cpu_count() or 1))
+    os.environ["FLAGRELEASE_ENGINE_CPUS"] = _CORE
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = _CORE
+
 import torch  # noqa: E402  (after the environment above; Triton reads TRITON_INTERPRET when kernels are decorated)
 
 if not torch.cuda.is_available():
@@ -36,14 +46,27 @@ PROJECT_DIR = Path(__file__).resolve().parent.parent
 TIER_BY_FOLDER = {"unit": "unit", "kernels": "unit", "weights": "unit", "engine": "services", "evaluate": "services",
                   "services": "services",
                   "e2e": "e2e", "faults": "faults"}
+# The longest files, longest first (docs/tests.md has their times): in lanes they start first, so the lanes end
+# together instead of one waiting on a long file picked up last.
+LONGEST_FILES = ("faults/test_faults.py", "e2e/test_deployments.py", "e2e/test_two_hosts.py", "evaluate/test_stage.py",
+                 "engine/test_server.py", "services/test_build.py")
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark every test with the tier of its folder, so `-m unit` runs the fast tier."""
+def in_lanes(config: pytest.Config) -> bool:
+    return bool(getattr(config.option, "numprocesses", None))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test with the tier of its folder, so `-m unit` runs the fast tier; in lanes, longest files first."""
     for item in items:
         folder = Path(str(item.fspath)).relative_to(PROJECT_DIR / "tests").parts[0]
         if folder in TIER_BY_FOLDER:
             item.add_marker(getattr(pytest.mark, TIER_BY_FOLDER[folder]))
+    if in_lanes(config):
+        def rank(item: pytest.Item) -> int:
+            path = Path(str(item.fspath)).relative_to(PROJECT_DIR / "tests").as_posix()
+            return LONGEST_FILES.index(path) if path in LONGEST_FILES else len(LONGEST_FILES)
+        items.sort(key=rank)  # stable: every file keeps its own order
 
 
 def _interrupt(signum, frame):
@@ -55,6 +78,18 @@ def _interrupt(signum, frame):
 signal.signal(signal.SIGTERM, _interrupt)
 
 TIER_SECONDS: dict[str, float] = {}
+_SESSION: dict[str, object] = {}
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Start the clock; in lanes, the controller starts the machine's Docker Engine before any lane does, so no
+    lane starts it and then stops it under the other."""
+    _SESSION["started"] = time.monotonic()
+    if in_lanes(session.config) and not hasattr(session.config, "workerinput"):
+        from flows.services import Services
+
+        services = Services(Settings(state_dir=Path(_PREFECT_HOME) / "lanes"))
+        _SESSION["docker"] = (services, services.up(("docker",))[0].state == "started")
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
@@ -67,12 +102,18 @@ def pytest_terminal_summary(terminalreporter) -> None:
     """One line at the end with each tier's time, so a slow tier shows in every CI log."""
     if TIER_SECONDS:
         minutes = lambda seconds: f"{seconds / 60:.1f} min"  # noqa: E731
+        lanes = terminalreporter.config.option.numprocesses if in_lanes(terminalreporter.config) else 1
         terminalreporter.write_line("tier times: " + ", ".join(
             f"{tier} {minutes(seconds)}" for tier, seconds in TIER_SECONDS.items()) +
-            f"; all tests {minutes(sum(TIER_SECONDS.values()))}")
+            f"; all tests {minutes(sum(TIER_SECONDS.values()))} in {lanes} lane(s), "
+            f"{minutes(time.monotonic() - _SESSION['started'])} wall")
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if "docker" in _SESSION:
+        services, started = _SESSION.pop("docker")
+        if started:
+            services.down(("docker",))
     shutil.rmtree(_PREFECT_HOME, ignore_errors=True)
 
 

@@ -266,9 +266,11 @@ def served_source(role: str, release: str, request: ServeRequest) -> StackSource
 
 def image_sources(plan: Plan, image: str, weights: Path, candidate_endpoint: Endpoint | None,
                   reference_endpoint: Endpoint | None, cache: Path | None = None,
-                  candidate_env: dict[str, str] | None = None) -> tuple[StackSource, StackSource | None]:
+                  candidate_env: dict[str, str] | None = None,
+                  cpus: str | None = None) -> tuple[StackSource, StackSource | None]:
     """The two sides of a release's comparison, as the matrix and the settings describe them; `candidate_env`
-    adds to the FlagOS container's environment (diagnosis), which is part of the stack's identity."""
+    adds to the FlagOS container's environment (diagnosis), which is part of the stack's identity; `cpus` only
+    places the containers on host cores."""
     serve = plan.chip.serve
     name = f"flagrelease-eval-{plan.release}-{plan.short_fingerprint}"
 
@@ -278,7 +280,7 @@ def image_sources(plan: Plan, image: str, weights: Path, candidate_endpoint: End
                                named=endpoint.named)
         return served_source(role, plan.release, ServeRequest(
             image=image, name=f"{name}-{role}", weights=weights, port=serve.port, flags=plan.chip.docker_run_flags,
-            environment=environment, cache=cache))
+            environment=environment, cache=cache, cpus=cpus))
 
     candidate = side("flagos", {**serve.flagos_environment, **(candidate_env or {})}, candidate_endpoint)
     if reference_endpoint is None and plan.reference != NATIVE_REFERENCE:

@@ -39,6 +39,17 @@ def record(fault: str, expected: str, observed: str, nothing_lost: str) -> None:
     ROWS.append((fault, expected, observed, nothing_lost))
 
 
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """A lane (pytest-xdist worker) hands its rows to the controller, which prints the table."""
+    if hasattr(session.config, "workeroutput"):
+        session.config.workeroutput["fault_rows"] = ROWS
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:
+    ROWS.extend(tuple(row) for row in getattr(node, "workeroutput", {}).get("fault_rows", []))
+
+
 def pytest_terminal_summary(terminalreporter) -> None:
     if not ROWS:
         return
@@ -129,7 +140,7 @@ class Bench:
         return {"FLAGRELEASE_STATE_DIR": str(self.state), "FLAGRELEASE_OFFLINE": "1",
                 "FLAGRELEASE_PROJECT_DIR": str(self.project), "FLAGRELEASE_MATRIX": str(self.project / "releases.yaml"),
                 "FLAGRELEASE_IMAGES_DIR": str(self.project / "images"), "FLAGRELEASE_WEIGHTS_DIR": str(self.weights),
-                "FLAGRELEASE_REGISTRY_OVERRIDE": registry_host, "FLAGRELEASE_SERVE_TIMEOUT_S": "120", **extra}
+                "FLAGRELEASE_REGISTRY_OVERRIDE": registry_host, "FLAGRELEASE_SERVE_TIMEOUT_S": "240", **extra}
 
     def run(self, registry_host: str, **extra: str):
         """The real `release` flow, in this process; returns its final state (never raises for a failed run)."""
