@@ -53,7 +53,8 @@ LONGEST_FILES = ("faults/test_faults.py", "e2e/test_deployments.py", "e2e/test_t
 
 
 def in_lanes(config: pytest.Config) -> bool:
-    return bool(getattr(config.option, "numprocesses", None))
+    """The controller of lanes (-n N), or one of its lanes (xdist clears -n in the workers)."""
+    return bool(getattr(config.option, "numprocesses", None)) or hasattr(config, "workerinput")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -168,6 +168,10 @@ class TokenSignal(BaseModel):
     not_measured: str | None = None
     thresholds: TokenThresholds | None = None
     verdict: Verdict | None = None
+    # seconds this run spent scoring (every stack) and answering (both stacks): what the signal costs beside what it
+    # checks; 0 where the store had them
+    scoring_s: float = 0.0
+    answering_s: float = 0.0
 
     def crossed(self) -> list[str]:
         """The metrics (TokenAgreement field names) on which the FlagOS numbers cross the thresholds."""

@@ -14,8 +14,8 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import time
-from collections.abc import Callable
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -192,6 +192,9 @@ class StackSource:
     serve: ServeRequest | None = None
 
 
+ANSWERING, SCORING = "answering", "token scoring"  # what `Stacks.seconds` counts
+
+
 @dataclass
 class Stacks:
     """Serves at most one container at a time; `url(source)` stops the other side first."""
@@ -200,8 +203,17 @@ class Stacks:
     log: Callable[[str], None]
     timeout_s: float
     asked: int = 0  # requests sent in this run (answers reused from the store are not counted)
+    seconds: dict[str, float] = field(default_factory=dict)  # time spent asking in this run, by what was asked
     _exits: ExitStack = field(default_factory=ExitStack)
     _current: tuple[str, str] | None = None
+
+    @contextmanager
+    def timing(self, kind: str) -> Iterator[None]:
+        began = time.monotonic()
+        try:
+            yield
+        finally:
+            self.seconds[kind] = self.seconds.get(kind, 0.0) + time.monotonic() - began
 
     def stack(self, source: StackSource) -> Stack:
         """Which stack answers for `source`: an image by its digest and environment; an endpoint by what it
@@ -374,7 +386,7 @@ def _evaluate_one(evaluation: Evaluation, stacks: Stacks, name: str, benchmark: 
                     generation=definition.generation, prompts=prompts_digest([i.prompt_hash for i in items]))
     schedule = repeat_schedule(benchmark.repeats, benchmark.max_repeats, definition.temperature > 0)
     note = None
-    asked_before, started = stacks.asked, time.monotonic()
+    asked_before, spent_before, started = stacks.asked, dict(stacks.seconds), time.monotonic()
     for look, repeats in enumerate(schedule):
         try:
             candidate_stack = stacks.stack(evaluation.candidate)
@@ -408,6 +420,12 @@ def _evaluate_one(evaluation: Evaluation, stacks: Stacks, name: str, benchmark: 
     log(f"{name}: identical replies {signal.flagos.identical:.1%} FlagOS vs native ({baseline})"
         + (f" -> {signal.verdict.value}" if signal.verdict else ""))
     tokens = scorer.signal(candidate_stack, evaluation.plan.chip.token_gate if benchmark.token_gate else None)
+    answering, scoring = (round(stacks.seconds.get(kind, 0.0) - spent_before.get(kind, 0.0), 1)
+                          for kind in (ANSWERING, SCORING))
+    if scoring and answering:
+        log(f"{name}: scoring token by token took {scoring:.0f} s, {scoring / answering:.2f}x the {answering:.0f} s "
+            f"the stacks took to answer")
+    tokens = tokens.model_copy(update={"scoring_s": scoring, "answering_s": answering})
     uses = {role: use for role, use in (("native", reference_use), ("flagos", candidate_use)) if use is not None}
     outcome = BenchmarkOutcome(benchmark=name, gated=benchmark.gated, repeats=repeats, gate=gate, note=note,
                                operators=uses, signal=signal, tokens=tokens,
@@ -439,8 +457,10 @@ class _TokenScorer:
             return stored
         self.log(f"{self.key.benchmark}: the {source.stack.role} stack scores {len(self.items)} native replies "
                  "token by token (prompt logprobs)")
-        scores = score_replies(self.stacks.url(source), self.evaluation.plan.model.served_name, self.items,
-                               self.replies, concurrency=self.evaluation.concurrency)
+        url = self.stacks.url(source)
+        with self.stacks.timing(SCORING):
+            scores = score_replies(url, self.evaluation.plan.model.served_name, self.items, self.replies,
+                                   concurrency=self.evaluation.concurrency)
         self.evaluation.store.save_scores(self.key, stack, self.replies, scores)
         return scores
 
@@ -551,10 +571,11 @@ def _results(evaluation: Evaluation, stacks: Stacks, source: StackSource, stack:
             before = operator_report(url)
             check_switch(role, before)
         log(f"{key.benchmark}: asking the {role} stack {len(items)} items x {len(missing)} repeat(s)")
-        asked = ask_stack(url, evaluation.plan.model.served_name, items, definition, repeats=missing,
-                          concurrency=evaluation.concurrency,
-                          progress=lambda done, total, rate: log(f"{key.benchmark}: {role} stack {done}/{total} items, "
-                                                                 f"{rate:.1f} items/s"))
+        with stacks.timing(ANSWERING):
+            asked = ask_stack(url, evaluation.plan.model.served_name, items, definition, repeats=missing,
+                              concurrency=evaluation.concurrency,
+                              progress=lambda done, total, rate: log(f"{key.benchmark}: {role} stack {done}/{total} "
+                                                                     f"items, {rate:.1f} items/s"))
         errors = [r for r in asked if r.error]
         if errors:
             raise StackFailed(f"{key.benchmark}: {len(errors)} of {len(asked)} request(s) to the {role} "

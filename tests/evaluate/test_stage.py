@@ -93,7 +93,10 @@ def test_the_same_stack_passes_renders_and_is_reused_without_asking_again(two_st
     dead = f"http://127.0.0.1:{free_port()}/v1"
     again: list[str] = []
     store_only = run(plan, tmp_path, dead, native, again, perf=(2,))
-    assert store_only.model_dump(exclude={"perf", "candidate"}) == report.model_dump(exclude={"perf", "candidate"})
+    this_run = {"perf": True, "candidate": True, "outcomes": {"__all__": {"tokens": {"scoring_s", "answering_s"}}}}
+    assert store_only.model_dump(exclude=this_run) == report.model_dump(exclude=this_run)
+    assert arithmetic.tokens.scoring_s > 0 and arithmetic.tokens.answering_s > 0  # what this run's scoring cost
+    assert store_only.outcomes[0].tokens.scoring_s == store_only.outcomes[0].tokens.answering_s == 0  # stored: nothing
     assert store_only.perf == report.perf
     assert not any("asking" in line for line in again)
     # another name is another stack: asked again, and a dead endpoint's failed answers are not kept

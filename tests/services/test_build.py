@@ -77,9 +77,10 @@ def test_cpu_image_builds_pushes_by_digest_and_serves_the_model(services: Settin
     assert labels["flagrelease.fingerprint"] == plan.fingerprint and labels["flagrelease.chip"] == "cpu"
     assert labels["flagrelease.tool.vllm"] == "0.32.0" and labels["flagrelease.tool.torch"] == "2.13.0"
 
+    core = services.engine_cpus or "0"  # the lane's core (tests/conftest.py)
     request = ServeRequest(image=image.by_digest, name="flagrelease-test-serve", weights=gguf_dir,
                            port=plan.chip.serve.port, flags=plan.chip.docker_run_flags,
-                           environment=plan.chip.serve.flagos_environment, cache=cache_root() / "engine")
+                           environment=plan.chip.serve.flagos_environment, cache=cache_root() / "engine", cpus=core)
     with served(client, request, log.append, timeout_s=240) as base_url:
         models = requests.get(f"{base_url}/models", timeout=3).json()
         assert [m["id"] for m in models["data"]] == ["smollm2-135m-flagos"]
@@ -96,6 +97,8 @@ def test_cpu_image_builds_pushes_by_digest_and_serves_the_model(services: Settin
         mounts = {m["Destination"]: m for m in container.attrs["Mounts"]}
         assert mounts["/models"]["RW"] is False and mounts["/var/cache/flagos"]["RW"] is True
         assert container.attrs["HostConfig"]["ShmSize"] == 2**30
+        assert container.attrs["HostConfig"]["CpusetCpus"] == core  # placed on the host core asked for
+        assert f"core ids=[{core}]" in container.logs().decode()  # and vLLM's CPU worker bound its threads to it
     assert not client.containers.list(all=True, filters={"name": "flagrelease-test-serve"})  # always removed
 
 

@@ -139,3 +139,15 @@ def test_a_token_level_fail_fails_the_benchmark_and_the_report_names_the_bisecte
     markdown = evaluation_markdown(report.model_copy(update={"outcomes": [outcome]}))
     assert "| operators switched on | mean \\|delta logprob\\| against the native scoring |" in markdown
     assert "| fused_add_rms_norm | 0.09 | yes | 10 | 31 |" in markdown
+
+
+def test_the_report_gives_what_scoring_cost_beside_answering_and_nothing_for_stored_results():
+    native = scores([[position("a", a=-0.1, b=-2.5)]] * 10)
+    measured = token_signal(native, native, native, THRESHOLDS)
+    report = report_for(resolve(MATRIX, "smollm2-cpu", Settings(offline=True)), {"arithmetic": 0.0})
+    [outcome] = report.outcomes
+    costly = outcome.model_copy(update={"tokens": measured.model_copy(update={"scoring_s": 41.0, "answering_s": 100.0})})
+    markdown = evaluation_markdown(report.model_copy(update={"outcomes": [costly]}))
+    assert "- arithmetic: scoring took 41 s, 0.41x the 100 s the stacks took to answer." in markdown
+    reused = outcome.model_copy(update={"tokens": measured})  # every answer and score came from the store
+    assert "scoring took" not in evaluation_markdown(report.model_copy(update={"outcomes": [reused]}))
