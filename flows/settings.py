@@ -57,9 +57,9 @@ class Settings(BaseSettings):
                                     "benchmark starts after this many seconds")
     serve_timeout_s: float = Field(default=300.0, gt=0, description="how long a served stack may take to answer /v1/models")
     engine_cpus: str | None = Field(default=None, pattern=r"^\d+(-\d+)?(,\d+(-\d+)?)*$", description="the host cores "
-                                    "a served stack's engine may use, as Docker's --cpuset-cpus writes them (e.g. 1 or "
-                                    "0-3,8): two runs on one CPU host each get their own cores; placement only, never "
-                                    "part of a stack's identity")
+                                    "a served stack's model worker binds its threads to (e.g. 1 or 0-3,8; vLLM's CPU "
+                                    "worker otherwise takes the machine's first core): two runs on one CPU host each "
+                                    "get their own; placement only, never part of a stack's identity")
     hub_org: str = Field(default="FlagRelease", description="organisation of the hub repos the cards are pushed to")
     registry_override: str | None = Field(default=None, description="host:port that replaces the registry of every "
                                           "release repository (test and staging registries); not part of fingerprints")

@@ -20,8 +20,10 @@ from flows.errors import FlagReleaseError
 from flows.runflags import run_options
 
 
-# vLLM's CPU worker binds its OpenMP threads to these cores (by default it picks the first of the machine's, so two
-# engines on one host would share a core); vLLM on an accelerator ignores the variable.
+# vLLM's CPU worker, which runs the model, binds its threads to these cores (by default the machine's first, so two
+# engines on one host would share a core). Only the worker: the API server and the engine core (which polls without
+# sleeping) stay free to run elsewhere; a container confined to one core with them all started 5x slower (measured
+# 2026-12-06). vLLM on an accelerator ignores the variable.
 ENGINE_CPUS_VARIABLE = "VLLM_CPU_OMP_THREADS_BIND"
 
 
@@ -40,7 +42,7 @@ class ServeRequest:
     flags: list[str]
     environment: dict[str, str]
     cache: Path | None = None  # mounted read-write at the image's cache path
-    cpus: str | None = None  # host cores the engine may use (placement: not part of the stack's identity)
+    cpus: str | None = None  # host cores the model's worker binds (placement: not part of the stack's identity)
 
 
 def stack_volumes(weights: Path, cache: Path | None, cache_mode: str = "rw") -> list[str]:
@@ -54,8 +56,7 @@ def served(client: docker.DockerClient, request: ServeRequest, log: Callable[[st
     """Run the image until the block ends; yield its OpenAI base URL once `/v1/models` answers."""
     options = run_options(request.flags)
     options.setdefault("environment", {}).update(request.environment)
-    if request.cpus:  # the container may use only these cores, and vLLM's CPU worker binds its threads to them
-        options["cpuset_cpus"] = request.cpus
+    if request.cpus:
         options["environment"][ENGINE_CPUS_VARIABLE] = request.cpus
     host_network = options.get("network_mode") == "host"
     if request.cache is not None:

@@ -282,7 +282,7 @@ def image_sources(plan: Plan, image: str, weights: Path, candidate_endpoint: End
                   cpus: str | None = None) -> tuple[StackSource, StackSource | None]:
     """The two sides of a release's comparison, as the matrix and the settings describe them; `candidate_env`
     adds to the FlagOS container's environment (diagnosis), which is part of the stack's identity; `cpus` only
-    places the containers on host cores."""
+    binds the engines' model workers to host cores."""
     serve = plan.chip.serve
     name = f"flagrelease-eval-{plan.release}-{plan.short_fingerprint}"
 

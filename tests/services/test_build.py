@@ -97,8 +97,7 @@ def test_cpu_image_builds_pushes_by_digest_and_serves_the_model(services: Settin
         mounts = {m["Destination"]: m for m in container.attrs["Mounts"]}
         assert mounts["/models"]["RW"] is False and mounts["/var/cache/flagos"]["RW"] is True
         assert container.attrs["HostConfig"]["ShmSize"] == 2**30
-        assert container.attrs["HostConfig"]["CpusetCpus"] == core  # placed on the host core asked for
-        assert f"core ids=[{core}]" in container.logs().decode()  # and vLLM's CPU worker bound its threads to it
+        assert f"core ids=[{core}]" in container.logs().decode()  # vLLM's CPU worker bound the core asked for
     assert not client.containers.list(all=True, filters={"name": "flagrelease-test-serve"})  # always removed
 
 

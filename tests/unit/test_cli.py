@@ -78,10 +78,12 @@ def test_run_without_a_prefect_server_says_how_to_start_it(state: dict[str, str]
         assert "Traceback" not in result.stderr
 
 
-def test_bad_setting_is_named(state: dict[str, str]):
-    result = flagrelease("list", env={**state, "FLAGRELEASE_PREFECT_PORT": "eighty"})
+@pytest.mark.parametrize("variable, value, field", [("FLAGRELEASE_PREFECT_PORT", "eighty", "prefect_port"),
+                                                     ("FLAGRELEASE_ENGINE_CPUS", "cores 0 and 1", "engine_cpus")])
+def test_bad_setting_is_named(state: dict[str, str], variable: str, value: str, field: str):
+    result = flagrelease("list", env={**state, variable: value})
     assert result.returncode == 2
-    assert "invalid FLAGRELEASE_* setting: prefect_port" in result.stderr
+    assert f"invalid FLAGRELEASE_* setting: {field}" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_unknown_service_is_bad_input(state: dict[str, str]):
