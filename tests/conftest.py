@@ -70,7 +70,31 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         items.sort(key=rank)  # stable: every file keeps its own order
 
 
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            pass
+    return found
+
+
+def _stop_lanes(signum: int, timeout_s: float = 180.0) -> None:
+    """The lanes' controller passes the signal on and waits until no lane has a process of its own left (their
+    finalizers have stopped what they started): a lane killed with the controller would leave its services running."""
+    lanes = _children(os.getpid())
+    for pid in lanes:
+        os.kill(pid, signum)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and any(_children(pid) for pid in lanes):
+        time.sleep(0.5)
+
+
 def _interrupt(signum, frame):
+    if _LANE is None and _SESSION.get("lanes"):
+        _stop_lanes(signum)
     raise KeyboardInterrupt(f"signal {signum}")
 
 
@@ -87,6 +111,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     lane starts it and then stops it under the other."""
     _SESSION["started"] = time.monotonic()
     if in_lanes(session.config) and not hasattr(session.config, "workerinput"):
+        _SESSION["lanes"] = True
         from flows.services import Services
 
         services = Services(Settings(state_dir=Path(_PREFECT_HOME) / "lanes"))
