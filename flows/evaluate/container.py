@@ -22,8 +22,8 @@ from flows.runflags import run_options
 
 # vLLM's CPU worker, which runs the model, binds its threads to these cores (by default the machine's first, so two
 # engines on one host would share a core). Only the worker: the API server and the engine core (which polls without
-# sleeping) stay free to run elsewhere; a container confined to one core with them all started 5x slower (measured
-# 2026-12-06). vLLM on an accelerator ignores the variable.
+# sleeping) stay free to run elsewhere; a container confined to one core with them all missed a 240 s start-up
+# limit in the suite (2026-12-06; about 60 s unconfined). vLLM on an accelerator ignores the variable.
 ENGINE_CPUS_VARIABLE = "VLLM_CPU_OMP_THREADS_BIND"
 
 
