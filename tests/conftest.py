@@ -26,7 +26,8 @@ os.environ["DO_NOT_TRACK"] = "1"
 for _name in [n for n in os.environ if n.startswith("FLAGRELEASE_")]:
     del os.environ[_name]
 
-# scripts/test.sh runs the suite in lanes (pytest-xdist workers gw0, gw1, ..., one test file at a time each). A vLLM
+# FLAGRELEASE_TEST_LANES=2 bash scripts/test.sh runs the suite in lanes (pytest-xdist workers gw0, gw1, one test
+# file at a time each; not the default, docs/tests.md). A vLLM
 # CPU worker binds the machine's first core unless told otherwise, so each lane's engines get a core of their own:
 # the release containers through the setting, the engines the tests start locally through vLLM's variable.
 _LANE = os.environ.get("PYTEST_XDIST_WORKER")
@@ -60,14 +61,18 @@ def in_lanes(config: pytest.Config) -> bool:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Mark every test with the tier of its folder, so `-m unit` runs the fast tier; in lanes, longest files first."""
     for item in items:
-        folder = Path(str(item.fspath)).relative_to(PROJECT_DIR / "tests").parts[0]
+        folder = _test_path(item).parts[0]
         if folder in TIER_BY_FOLDER:
             item.add_marker(getattr(pytest.mark, TIER_BY_FOLDER[folder]))
     if in_lanes(config):
         def rank(item: pytest.Item) -> int:
-            path = Path(str(item.fspath)).relative_to(PROJECT_DIR / "tests").as_posix()
+            path = _test_path(item).as_posix()
             return LONGEST_FILES.index(path) if path in LONGEST_FILES else len(LONGEST_FILES)
         items.sort(key=rank)  # stable: every file keeps its own order
+
+
+def _test_path(item: pytest.Item) -> Path:
+    return Path(str(item.fspath)).relative_to(PROJECT_DIR / "tests")
 
 
 def _children(pid: int) -> list[int]:
