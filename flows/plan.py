@@ -33,6 +33,15 @@ IMAGE_EXTRAS = ("kernels", "engine")  # pyproject extras installed into the imag
 REPORT_TEMPLATES_DIR = "reports"  # templates/reports/ render UI reports only: they do not change the artefact
 
 
+class BaseWeights(BaseModel):
+    """The matrix model a derived model's weights are made from (its revision is the release's pinned one)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    model: Model
+
+
 class Plan(BaseModel):
     """What a release will build, from what, and under which fingerprint. Written as JSON; read back by later stages."""
 
@@ -52,6 +61,7 @@ class Plan(BaseModel):
     inputs: dict[str, str]
     fingerprint: str
     resolved_at: datetime
+    base: BaseWeights | None = None  # set for a derived model
 
     @property
     def short_fingerprint(self) -> str:
@@ -61,8 +71,9 @@ class Plan(BaseModel):
 def resolve(matrix: ReleaseMatrix, release_name: str, settings: Settings) -> Plan:
     release = matrix.release(release_name)
     model = matrix.spec.models[release.model]
-    revision = resolve_revision(model.source, offline=settings.offline, timeout_s=settings.hub_timeout_s,
-                                pypi_index=settings.pypi_index)
+    base = derived_from(matrix, model)
+    revision = resolve_revision((base.model if base else model).source, offline=settings.offline,
+                                timeout_s=settings.hub_timeout_s, pypi_index=settings.pypi_index)
     inputs = {**fingerprint_inputs(matrix, release_name, revision, settings.project_dir),
               **base_image_input(matrix.chips[release.chip], settings)}
     return Plan(
@@ -79,7 +90,15 @@ def resolve(matrix: ReleaseMatrix, release_name: str, settings: Settings) -> Pla
         inputs=inputs,
         fingerprint=fingerprint(inputs),
         resolved_at=datetime.now(timezone.utc),
+        base=base,
     )
+
+
+def derived_from(matrix: ReleaseMatrix, model: Model) -> BaseWeights | None:
+    """A derived model's base: what its weights are made from, pinned through the base's own source."""
+    if model.source.hub != "derived":
+        return None
+    return BaseWeights(name=model.source.repo, model=matrix.spec.models[model.source.repo])
 
 
 def fingerprint_inputs(matrix: ReleaseMatrix, release_name: str, revision: PinnedRevision, project_dir: Path) -> dict[str, str]:
@@ -92,9 +111,13 @@ def fingerprint_inputs(matrix: ReleaseMatrix, release_name: str, revision: Pinne
         "matrix/suite": _digest(matrix.spec.suites[release.suite].model_dump(mode="json")),
         "model/revision": revision.fingerprint_value,
     }
-    lock = project_dir / "locks" / f"{release.model}.json"
-    if lock.exists():
-        inputs[f"lock/{release.model}.json"] = sha256_file(lock)
+    base = derived_from(matrix, matrix.spec.models[release.model])
+    if base is not None:
+        inputs["matrix/base-model"] = _digest(base.model.model_dump(mode="json"))
+    for name in (release.model, *([base.name] if base else [])):
+        lock = project_dir / "locks" / f"{name}.json"
+        if lock.exists():
+            inputs[f"lock/{name}.json"] = sha256_file(lock)
     inputs.update(tree_hashes(matrix.chip_dir(release.chip), f"chip/{release.chip}", suffixes=("",)))
     inputs.update(tree_hashes(project_dir / "templates", "template", ARTEFACT_TEMPLATE_SUFFIXES,
                               exclude_dirs=frozenset({REPORT_TEMPLATES_DIR})))

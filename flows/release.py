@@ -18,13 +18,14 @@ from flows.evaluate.stage import (Endpoint, Evaluation, EvaluationFailed, Evalua
 from flows.evaluate.store import ResultStore
 from flows.files import write_model
 from flows.kernel_artifacts import KernelArtifacts, check_and_compile, consistency_report, recorded_operators
-from flows.matrix import NATIVE_REFERENCE, load_matrix
+from flows.matrix import NATIVE_REFERENCE, Model, load_matrix
 from flows.plan import Plan, resolve, write_plan
 from flows.publish.release import ReleaseRecord
 from flows.publish.results import import_published, native_results
 from flows.publish.stage import publish
 from flows.reports import evaluation_markdown, evaluation_table, plan_markdown
 from flows.settings import Settings
+from flows.weights.derived import Derivation, image_command
 from flows.weights.manifest import WeightsManifest, prepare_weights
 from flows.weights.progress import periodic_progress
 
@@ -93,12 +94,26 @@ def build_stage(plan: Plan, kernels: KernelArtifacts, settings: Settings) -> Ima
 
 @task(name="weights", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=[30],
       retry_condition_fn=lambda task, run, state: not isinstance(state.result(raise_on_failure=False), FlagReleaseError))
-def weights_stage(plan: Plan, settings: Settings) -> WeightsManifest:
-    """Fetch the weights, prove every byte and the structure, and record the verified manifest."""
+def weights_stage(plan: Plan, image: ImageRef, settings: Settings) -> WeightsManifest:
+    """Fetch the weights (a derived model's: made by the image from its verified base), prove every byte and the
+    structure, and record the verified manifest."""
     logger = get_run_logger()
-    manifest, hashed = prepare_weights(plan.model_name, plan.model, plan.revision, settings.weights_dir,
-                                       settings.project_dir, settings.state_dir, settings.reverify, logger.info,
-                                       progress=lambda total: periodic_progress(total, logger.info))
+
+    def verified(name: str, model: Model, derivation: Derivation | None = None) -> tuple[WeightsManifest, int]:
+        return prepare_weights(name, model, plan.revision, settings.weights_dir, settings.project_dir,
+                               settings.state_dir, settings.reverify, logger.info,
+                               progress=lambda total: periodic_progress(total, logger.info), derivation=derivation)
+
+    derivation = None
+    if plan.base is not None:
+        base, _ = verified(plan.base.name, plan.base.model)
+        logger.info("base weights %s verified; the weights of %s are made from them by the release image",
+                    plan.base.name, plan.model_name)
+        client = docker_client(settings)
+        ensure_local_image(client, image, registry_for(plan)[1], logger.info)
+        gguf = next((f.path for f in base.files if f.path.endswith(".gguf")), None) if base.format == "gguf" else None
+        derivation = Derivation(Path(base.folder), gguf, image_command(client, image.by_digest))
+    manifest, hashed = verified(plan.model_name, plan.model, derivation)
     logger.info("weights verified: %d files, %.1f MiB, %s parameters (%s active), %s; %.1f MiB hashed this run",
                 len(manifest.files), manifest.total_bytes / 2**20, f"{manifest.total_params:,}",
                 f"{manifest.active_params:,}", manifest.dtype, hashed / 2**20)
@@ -187,7 +202,7 @@ def release(release_name: str = "smollm2-cpu") -> dict[str, str]:
     if image is None:
         kernels = kernels_stage(plan, settings)
         image = build_stage(plan, kernels, settings)
-    weights = weights_stage(plan, settings)
+    weights = weights_stage(plan, image, settings)
     evaluation = evaluate_stage(plan, image, weights, settings)
     publish_stage(plan, image, weights, evaluation, settings)
     outputs = settings.release_dir(plan.release, plan.fingerprint)

@@ -50,6 +50,19 @@ def stack_volumes(weights: Path, cache: Path | None, cache_mode: str = "rw") -> 
     return [f"{weights}:{MODEL_MOUNT}:ro", *([f"{cache}:{CACHE_MOUNT}:{cache_mode}"] if cache is not None else [])]
 
 
+def run_to_completion(client: docker.DockerClient, image: str, argv: list[str], volumes: list[str], role: str,
+                      timeout_s: float, log_tail: int, **options: object) -> tuple[int, str]:
+    """One throwaway container of `image` running `argv` to its end: its exit code and the last lines of its log.
+    The container is removed whatever happens (a timeout included)."""
+    container = client.containers.run(image, argv, volumes=volumes, labels={"flagrelease.role": role}, detach=True,
+                                      **options)
+    try:
+        code = container.wait(timeout=timeout_s)["StatusCode"]
+        return code, container.logs(tail=log_tail).decode(errors="replace")
+    finally:
+        container.remove(force=True)
+
+
 @contextmanager
 def served(client: docker.DockerClient, request: ServeRequest, log: Callable[[str], None],
            timeout_s: float = 180.0) -> Iterator[str]:

@@ -22,6 +22,8 @@ import docker
 import requests
 from pydantic import BaseModel, ConfigDict
 
+from flows.evaluate.container import run_to_completion
+
 METHOD = "vllm bench serve"
 PERF_METHOD_KEY = "vllm-bench-serve"  # names stored measurements
 RESULT_FILE = "result.json"
@@ -61,15 +63,9 @@ def image_bench(client: docker.DockerClient, image: str, volumes: list[str]) -> 
     """The benchmark client of `image`, in a throwaway container on the host network with the stacks' `volumes`
     (read-only), so the tokenizer path a served stack reports resolves here too."""
     def run(arguments: list[str], results: Path) -> tuple[int, str]:
-        container = client.containers.run(
-            image, [*arguments, "--result-dir", CONTAINER_RESULTS], entrypoint=["vllm"], network_mode="host",
-            volumes=[*volumes, f"{results}:{CONTAINER_RESULTS}"], environment=CLIENT_ENV,
-            labels={"flagrelease.role": "benchmark"}, detach=True)
-        try:
-            code = container.wait(timeout=TIMEOUT_S)["StatusCode"]
-            return code, container.logs(tail=LOG_TAIL).decode(errors="replace")
-        finally:
-            container.remove(force=True)
+        return run_to_completion(client, image, [*arguments, "--result-dir", CONTAINER_RESULTS],
+                                 [*volumes, f"{results}:{CONTAINER_RESULTS}"], "benchmark", TIMEOUT_S, LOG_TAIL,
+                                 entrypoint=["vllm"], network_mode="host", environment=CLIENT_ENV)
     return run
 
 

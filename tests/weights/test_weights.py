@@ -22,6 +22,8 @@ from flows.weights.expected import LockInvalid, NothingToVerifyAgainst, folder_f
 from flows.weights.manifest import WeightsManifest, WeightsMismatch, manifest_path, prepare_weights
 from flows.weights.sources import WeightsSourceError
 from tests.conftest import PROJECT_DIR
+from tests.evaluate.conftest import MOE, moe_derivation, moe_weights, smollm2_gguf  # noqa: F401  (fixtures)
+from tests.evaluate.conftest import prepare as prepare_from_matrix
 from tests.weights.conftest import REPO_FILES, counts, tiny_model, write_lock
 
 UNPINNED = PinnedRevision(source="local", requested="main", resolved=None, note="test")
@@ -261,3 +263,27 @@ def test_progress_lines_carry_rate_and_eta():
     for _ in range(4):
         advance(25 * 2**20)
     assert len(lines) == 4 and lines[-1].startswith("hashed 100 of 100 MiB (100%)") and "MiB/s, ETA 0 s" in lines[-1]
+
+
+def test_a_derived_model_is_made_from_its_verified_base_and_a_wrong_file_is_made_again(moe_derivation, moe_weights):
+    """The up-cycled MoE of the matrix: made by engine.upcycle (the image's wheels) from the verified GGUF, its bytes
+    are the lock's; a file changed afterwards is named and made again, and the structure counts 4 experts, 2 active."""
+    lock = json.loads((PROJECT_DIR / "locks" / f"{MOE}.json").read_text())["files"]
+    config = moe_weights / "config.json"
+    original = config.read_bytes()
+    config.write_bytes(original.replace(b'"num_local_experts": 4', b'"num_local_experts": 8'))  # same size
+    log: list[str] = []
+    manifest, _ = prepare_from_matrix(MOE, moe_derivation, log.append)
+    assert any("config.json: sha256" in line and "once more" in line for line in log), log
+    assert any("making the weights in the release image: python3 -m engine.upcycle" in line for line in log), log
+    assert config.read_bytes() == original and not (moe_weights.parent / f".{moe_weights.name}.again").exists()
+    assert {f.path: f.sha256 for f in manifest.files} == {name: entry["sha256"] for name, entry in lock.items()}
+    assert manifest.source == "derived:smollm2-135m-instruct" and manifest.dtype == "F32"
+    assert (manifest.total_params, manifest.active_params) == (373_462_848, 214_210_368)
+
+
+def test_a_derived_model_without_its_base_and_image_is_refused(tmp_path: Path):
+    model = load_matrix(PROJECT_DIR / "releases.yaml").spec.models[MOE]
+    with pytest.raises(WeightsSourceError, match="made by the release image from the base model's verified weights"):
+        prepare_weights(MOE, model, SMOLLM2_OFFLINE, tmp_path, PROJECT_DIR, tmp_path / "state", False, print)
+
