@@ -191,9 +191,9 @@ class FlagOSFusedMoEMethod(UnquantizedFusedMoEMethod):
 
     @staticmethod
     def _route(operators: Operators, logits: torch.Tensor, top_k: int, renormalize: bool):
-        renormalize = renormalize and operators.fault != MOE_NOT_RENORMALIZED
-        if operators.enabled("topk_softmax"):
-            return operators.call("topk_softmax", logits, top_k, renormalize)
+        if operators.enabled("topk_softmax"):  # the fault is in our binding: with the operator native it is gone
+            return operators.call("topk_softmax", logits, top_k,
+                                  renormalize and operators.fault != MOE_NOT_RENORMALIZED)
         weights, ids = torch.topk(torch.softmax(logits.float(), dim=-1), top_k, dim=-1)
         if renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)

@@ -30,6 +30,7 @@ from engine.operators import EngineError
 
 MLP_WEIGHT = re.compile(r"model\.layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight")
 EXPERT_NAMES = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}  # Mixtral's names for gate, up, down
+LOADING_FLAGS = ("local_files_only", "is_local")
 KEPT_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json",
               "special_tokens_map.json")
 
@@ -109,6 +110,7 @@ def upcycle(dense_dir: Path, out_dir: Path, recipe: Recipe) -> Path:
         for name in KEPT_FILES:
             if (dense_dir / name).is_file():
                 shutil.copyfile(dense_dir / name, staging / name)
+        _drop_loading_flags(staging / "tokenizer_config.json")
         for path in (staging, *staging.iterdir()):  # mkdtemp's 0700 and save_file's 0600: served read-only by others
             path.chmod(0o755 if path.is_dir() else 0o644)
         staging.rename(out_dir)
@@ -116,6 +118,16 @@ def upcycle(dense_dir: Path, out_dir: Path, recipe: Recipe) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out_dir
+
+
+def _drop_loading_flags(path: Path) -> None:
+    """transformers saves how the tokenizer was loaded (`local_files_only` follows HF_HUB_OFFLINE): not part of the
+    model, and it would make the same recipe give other bytes in another environment."""
+    if path.is_file():
+        config = json.loads(path.read_text())
+        for key in LOADING_FLAGS:
+            config.pop(key, None)
+        path.write_text(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -171,17 +171,36 @@ def test_a_failing_release_makes_watch_exit_non_zero(stack: Settings):
 
 
 def test_nightly_rebuild_runs_every_release_and_fails_when_one_fails(stack: Settings):
-    result = prefect(stack, "deployment", "run", "rebuild/nightly", "--watch", "--watch-timeout", "400", timeout=500)
-    # the GPU chips cannot be built on this host, so the nightly run must say so by failing
+    """smollm2-cpu is already published (the test above); the MoE release runs whole here: its image, its weights
+    made by that image, both stacks, the card. The GPU chips cannot be built on this host: the run must fail."""
+    result = prefect(stack, "deployment", "run", "rebuild/nightly", "--watch", "--watch-timeout", "1500", timeout=1600)
     assert result.returncode == 1, result.stdout + result.stderr
     [artifact] = api(stack, "POST", "/artifacts/latest/filter", artifacts={"key": {"any_": ["rebuild"]}})
     rows = {r["release"]: r for r in json.loads(artifact["data"])}
     assert set(rows) == set(MATRIX.spec.releases)
-    assert rows["smollm2-cpu"]["state"] == "Completed"
+    assert rows["smollm2-cpu"]["state"] == "Completed" and rows["smollm2-moe-cpu"]["state"] == "Completed"
+    assert_moe_operators_ran_and_are_on_the_card(outputs_of(stack, "smollm2-moe-cpu"))
     child = api(stack, "GET", f"/flow_runs/{rows['smollm2-cpu']['flow_run']}")
     assert child["state"]["type"] == "COMPLETED" and child["parameters"] == {"release_name": "smollm2-cpu"}
     for name in ("qwen3-iluvatar", "qwen3-nvidia"):
         assert rows[name]["state"].startswith("Failed: release/" + name)
+
+
+def assert_moe_operators_ran_and_are_on_the_card(outputs: Path) -> None:
+    """The router, the expert activation and the combine ran in the FlagOS stack, once per MoE layer and step
+    each, on weights the image made that match their lock, and the published card says how often."""
+    weights = json.loads((outputs / "weights.json").read_text())
+    lock = json.loads((PROJECT_DIR / "locks" / "smollm2-moe-4x135m-instruct.json").read_text())["files"]
+    assert weights["source"] == "derived:smollm2-135m-instruct"
+    assert {f["path"]: f["sha256"] for f in weights["files"]} == {name: f["sha256"] for name, f in lock.items()}
+    [outcome] = json.loads((outputs / "evaluation.json").read_text())["outcomes"]
+    assert outcome["gate"]["verdict"] == "PASS" and outcome["tokens"]["verdict"] == "PASS"
+    calls = {o["name"]: o["calls"] for o in outcome["operators"]["flagos"]["operators"]}
+    assert calls["topk_softmax"] > 0 and calls["topk_softmax"] == calls["silu_and_mul"] == calls["moe_sum"]
+    assert sum(o["calls"] for o in outcome["operators"]["native"]["operators"]) == 0
+    card = (outputs / "README.md").read_text()
+    assert all(f"{name} ({calls[name]:,} calls)" in card for name in ("topk_softmax", "silu_and_mul", "moe_sum"))
+    assert "python3 -m engine.upcycle /base /out/flagos-weights" in card
 
 
 @pytest.mark.skipif(chromium() is None, reason="chromium not installed (bash scripts/setup.sh --for-tests)")

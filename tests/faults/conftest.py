@@ -142,14 +142,14 @@ class Bench:
                 "FLAGRELEASE_IMAGES_DIR": str(self.project / "images"), "FLAGRELEASE_WEIGHTS_DIR": str(self.weights),
                 "FLAGRELEASE_REGISTRY_OVERRIDE": registry_host, "FLAGRELEASE_SERVE_TIMEOUT_S": "240", **extra}
 
-    def run(self, registry_host: str, **extra: str):
+    def run(self, registry_host: str, release_name: str = RELEASE, **extra: str):
         """The real `release` flow, in this process; returns its final state (never raises for a failed run)."""
         from flows.release import release
 
         with pytest.MonkeyPatch.context() as patch:
             for key, value in self.environment(registry_host, **extra).items():
                 patch.setenv(key, value)
-            return release(RELEASE, return_state=True)
+            return release(release_name, return_state=True)
 
 
 def run_with_fault(bench: Bench, registry_host: str, inject: Callable[[], bool], poll_s: float = 0.5):
@@ -172,24 +172,24 @@ def run_with_fault(bench: Bench, registry_host: str, inject: Callable[[], bool],
     return state, injected.is_set()
 
 
-def latest_digest(registry_host: str) -> str | None:
-    response = requests.head(f"http://{registry_host}/v2/{REPOSITORY}/manifests/latest",
+def latest_digest(registry_host: str, repository: str = REPOSITORY) -> str | None:
+    response = requests.head(f"http://{registry_host}/v2/{repository}/manifests/latest",
                              headers={"Accept": MANIFEST_TYPES}, timeout=10)
     return response.headers.get("Docker-Content-Digest") if response.status_code == 200 else None
 
 
-def blobs_complete(registry_host: str) -> str:
+def blobs_complete(registry_host: str, repository: str = REPOSITORY) -> str:
     """Every tag of the repository read back by digest, with its config and layer blobs: 'yes' or what is missing."""
-    tags = requests.get(f"http://{registry_host}/v2/{REPOSITORY}/tags/list", timeout=10).json().get("tags") or []
+    tags = requests.get(f"http://{registry_host}/v2/{repository}/tags/list", timeout=10).json().get("tags") or []
     for tag in tags:
-        manifest = requests.get(f"http://{registry_host}/v2/{REPOSITORY}/manifests/{tag}",
+        manifest = requests.get(f"http://{registry_host}/v2/{repository}/manifests/{tag}",
                                 headers={"Accept": MANIFEST_TYPES}, timeout=10)
         body = manifest.json()
         for blob in [body.get("config"), *body.get("layers", []), *body.get("manifests", [])]:
             if blob is None:
                 continue
             kind = "manifests" if "manifests" in body else "blobs"
-            if requests.head(f"http://{registry_host}/v2/{REPOSITORY}/{kind}/{blob['digest']}",
+            if requests.head(f"http://{registry_host}/v2/{repository}/{kind}/{blob['digest']}",
                              headers={"Accept": MANIFEST_TYPES}, timeout=10).status_code != 200:
                 return f"tag {tag}: {blob['digest']} missing"
     return f"yes ({len(tags)} tags)"

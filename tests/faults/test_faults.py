@@ -31,6 +31,8 @@ from tests.faults.conftest import (REPOSITORY, SMALL_SUITE_ITEMS, Bench, Proxy, 
 from tests.unit.test_matrix import JUNK, committed, leaf_paths, setter, write
 
 SNAPSHOT: dict[str, Path] = {}
+MOE_RELEASE = "smollm2-moe-cpu"
+MOE_REPOSITORY = "flagrelease/smollm2-moe-cpu"
 
 
 def image_digest(bench: Bench) -> str:
@@ -38,8 +40,8 @@ def image_digest(bench: Bench) -> str:
     return json.loads(image_file.read_text())["digest"]
 
 
-def evaluation_of(bench: Bench) -> dict:
-    [report] = bench.state.glob("releases/smollm2-cpu/*/evaluation.json")
+def evaluation_of(bench: Bench, release: str = "smollm2-cpu") -> dict:
+    [report] = bench.state.glob(f"releases/{release}/*/evaluation.json")
     return json.loads(report.read_text())
 
 
@@ -111,6 +113,30 @@ def test_a_mild_fault_accuracy_cannot_see_fails_the_token_gate_with_its_culprit(
            f"vs {outcome['gate']['native_accuracy']:.3f}); mean |delta logprob| {tokens['flagos']['mean_abs_delta']:.3g} "
            f"vs native floor {tokens['baseline']['mean_abs_delta']:.3g}; bisection: {diagnosis['culprits'][0]} "
            f"({diagnosis['requests']} requests in {diagnosis['seconds']:.0f} s)", blobs_complete(host))
+
+
+def test_an_moe_router_fault_fails_and_the_router_is_named(bench: Bench):
+    """The MoE release (SmolLM2 up-cycled, its weights made by its own image) with our router binding not
+    renormalising the top-2 weights the model asks for: the kernels are correct, the integration is not. The run
+    must FAIL, publish nothing, and the bisection must name topk_softmax, the operator whose binding is wrong."""
+    registry = bench.registry("moe", SNAPSHOT["built"])  # the dense image's layers: the MoE image shares most
+    host = f"127.0.0.1:{registry.registry_port}"
+    state = bench.run(host, MOE_RELEASE, FLAGRELEASE_CANDIDATE_ENV=json.dumps({"FLAGOS_FAULT": "moe-not-renormalized"}))
+    report = evaluation_of(bench, MOE_RELEASE)
+    [outcome] = report["outcomes"]
+    flagos, diagnosis, tokens = outcome["operators"]["flagos"], outcome["diagnosis"], outcome["tokens"]
+    calls = {o["name"]: o["calls"] for o in flagos["operators"]}
+    assert state.is_failed() and "is not published: arithmetic: FAIL" in state.message
+    assert latest_digest(host, MOE_REPOSITORY) is None and flagos["fault"] == "moe-not-renormalized"
+    assert calls["topk_softmax"] > 0 and calls["topk_softmax"] == calls["moe_sum"] == calls["silu_and_mul"]
+    assert "FAIL" in (outcome["gate"]["verdict"], tokens["verdict"])
+    assert diagnosis["culprits"] == ["topk_softmax"] and diagnosis["probes"][-1]["reproduces"]
+    assert "culprit: topk_softmax alone reproduces the failure" in state.message
+    record("MoE router fault (top-k weights not renormalised)", "FAIL, culprit named, nothing published",
+           f"{state.type.value}; accuracy {outcome['gate']['verdict']} (FlagOS {outcome['gate']['flagos_accuracy']:.3f} "
+           f"vs {outcome['gate']['native_accuracy']:.3f}); tokens {tokens['verdict']} (mean |delta logprob| "
+           f"{tokens['flagos']['mean_abs_delta']:.3g}); bisection: {diagnosis['culprits'][0]} "
+           f"({diagnosis['requests']} requests in {diagnosis['seconds']:.0f} s)", blobs_complete(host, MOE_REPOSITORY))
 
 
 def test_the_registry_stopped_during_the_image_push(bench: Bench):

@@ -4,7 +4,7 @@ many small ones compute the same result, and the interpreter policy launches few
 import pytest
 import torch
 
-from kernels import rms_norm, rotary_embedding, silu_and_mul
+from kernels import moe_sum, rms_norm, rotary_embedding, silu_and_mul
 from kernels._common import INTERPRETED, LaunchPolicy
 from tests.kernels.conftest import DEVICE
 
@@ -48,11 +48,27 @@ def test_rotary_token_blocks_rotate_like_one_token_per_program(tokens: int):
         torch.testing.assert_close((q2, k2), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("tokens", [1, 9, 300])
+def test_moe_sum_token_blocks_combine_like_one_token_per_program(tokens: int):
+    x, w = torch.randn(tokens, 2, 576, device=DEVICE), torch.rand(tokens, 2, device=DEVICE)
+    for weights in (w, None):
+        results = []
+        for policy in (moe_sum.POLICIES.compiled, INTERPRETED, LaunchPolicy(target_elements=256, max_rows=4)):
+            out = torch.empty(tokens, 576, device=DEVICE)
+            moe_sum.launch(tokens, 2, 576, weights is not None, policy=policy).run(
+                x, out if weights is None else weights, out, tokens, 576, 2 * 576, 576, 576)
+            results.append(out)
+        torch.testing.assert_close(results[0], moe_sum.reference(x, weights), rtol=1e-5, atol=1e-5)
+        assert all(torch.equal(results[0], other) for other in results[1:])
+
+
 def test_the_interpreter_policy_launches_fewer_programs_and_fits_its_rows():
     assert grid_size(rms_norm.launch(32, 576, policy=INTERPRETED)) == 1
     assert grid_size(rms_norm.launch(32, 576, policy=rms_norm.POLICIES.compiled)) == 16
     assert rms_norm.launch(3, 576, policy=INTERPRETED).constexprs["BLOCK_M"] == 4  # shrunk to the rows there are
     assert grid_size(silu_and_mul.launch(32, 1536, policy=INTERPRETED)) == 1
+    assert grid_size(moe_sum.launch(4000, 2, 576, True, policy=INTERPRETED)) == 4  # was 4,000: one per token
+    assert grid_size(moe_sum.launch(4000, 2, 576, True, policy=moe_sum.POLICIES.compiled)) == 4000
     assert grid_size(rotary_embedding.launch(64, 9, 3, 64, 64, policy=INTERPRETED)) == 1
     assert grid_size(rotary_embedding.launch(64, 9, 3, 64, 64, policy=rotary_embedding.POLICIES.compiled)) == 64
     # compiled constants never depend on the batch size: one binary serves every row count (AOT cache keys)
