@@ -153,17 +153,19 @@ class Services:
             return False
 
     def _deployments_healthy(self) -> bool:
-        """Every expected deployment exists and a runner polled for its runs within the last minute
-        (registration alone outlives the process that serves it)."""
+        """Every expected deployment exists, is not paused, and a runner polled for its runs within the last minute
+        (registration alone outlives the process that serves it; a runner that stops pauses its deployments, seconds
+        after its last poll)."""
         if not self._prefect_healthy():
             return False
         for name in self.expected_deployments:
             try:
                 response = requests.get(f"{self.settings.prefect_api_url}/deployments/name/{name}", timeout=3)
-                last_polled = response.json().get("last_polled") if response.status_code == 200 else None
+                deployment = response.json() if response.status_code == 200 else {}
             except (requests.RequestException, ValueError):
                 return False
-            if last_polled is None:
+            last_polled = deployment.get("last_polled")
+            if last_polled is None or deployment.get("paused"):
                 return False
             age = datetime.now(timezone.utc) - datetime.fromisoformat(last_polled.replace("Z", "+00:00"))
             if age > timedelta(seconds=60):

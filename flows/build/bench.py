@@ -74,7 +74,7 @@ def main() -> int:
                                     f"{CountingRegistry.requests} registry requests)", unchanged, 0, 0))
             finally:
                 services.down(tuple(s.name for s in started if s.state == "started"))
-    print(f"| step | seconds | builds | pushes |\n|---|---|---|---|")
+    print("| step | seconds | builds | pushes |\n|---|---|---|---|")
     for label, seconds, builds, pushes in results:
         print(f"| {label} | {seconds:.2f} | {builds} | {pushes} |")
     cold, warm, unchanged = results[0][1], results[1][1], results[2][1]

@@ -25,6 +25,7 @@ from flows.uicheck import check_page, chromium
 from tests.conftest import PROJECT_DIR, running_services
 
 MATRIX = load_matrix(PROJECT_DIR / "releases.yaml")
+MOE_LAYERS = MATRIX.spec.models["smollm2-moe-4x135m-instruct"].parameters.layers
 EXPECTED = [f"{spec.flow}/{spec.name}" for spec in deployment_specs(MATRIX)]
 
 
@@ -197,6 +198,9 @@ def assert_moe_operators_ran_and_are_on_the_card(outputs: Path) -> None:
     assert outcome["gate"]["verdict"] == "PASS" and outcome["tokens"]["verdict"] == "PASS"
     calls = {o["name"]: o["calls"] for o in outcome["operators"]["flagos"]["operators"]}
     assert calls["topk_softmax"] > 0 and calls["topk_softmax"] == calls["silu_and_mul"] == calls["moe_sum"]
+    assert calls["moe_sum"] == MOE_LAYERS * calls["rms_norm"]  # once per MoE layer and step (rms_norm: once a step)
+    bound = {o["name"]: o["bound_to"] for o in outcome["operators"]["flagos"]["operators"]}
+    assert all(bound[name] == ["vllm FusedMoE (unquantized experts)"] for name in ("topk_softmax", "moe_sum"))
     assert sum(o["calls"] for o in outcome["operators"]["native"]["operators"]) == 0
     card = (outputs / "README.md").read_text()
     assert all(f"{name} ({calls[name]:,} calls)" in card for name in ("topk_softmax", "silu_and_mul", "moe_sum"))
@@ -221,3 +225,14 @@ def test_prefect_ui_shows_the_evaluation_table_and_the_card(stack: Settings, tmp
         check = check_page(f"{stack.prefect_ui_url}/artifacts/artifact/{latest['latest_id']}", tmp_path / f"{key}.png",
                            expect=texts)
         assert check.missing == [], (key, check.missing)
+
+
+def test_deployments_stopped_then_started_again_are_served_again(stack: Settings):
+    """`services down deployments` then `up` (to serve a changed matrix): the stopped runner paused its
+    deployments seconds after its last poll, which must not pass for a runner still serving them."""
+    services = Services(stack, expected_deployments=EXPECTED)
+    assert [s.state for s in services.down(("deployments",))] == ["stopped"]
+    assert [s.state for s in services.status(("deployments",))] == ["not running"]
+    assert [s.state for s in services.up(("deployments",))] == ["started"]
+    assert api(stack, "GET", "/deployments/name/release/smollm2-cpu")["paused"] is False
+

@@ -11,13 +11,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
-
 from flows.build.cache import cache_root
 from flows.build.wheels import ENGINE_VENV
 from flows.evaluate.local import PROJECT_DIR, free_port, local_engine, wait_ready
 from flows.matrix import load_matrix
-from tests.evaluate.conftest import moe_derivation, moe_weights, smollm2_gguf  # noqa: F401  (shared fixtures)
+from tests.evaluate.conftest import smollm2_gguf  # noqa: F401  (the fixture, shared with the evaluate tests)
 
 SERVED_NAME = "smollm2-135m-flagos"
 ENGINE_CACHE = cache_root() / "engine"

@@ -18,8 +18,7 @@ from flows.evaluate.benchmarks import load_definitions, load_items
 from flows.evaluate.client import ask_stack
 from flows.evaluate.operators import StackRefused, check_switch, operator_report, served_identity, usage
 from tests.conftest import PROJECT_DIR
-from flows.evaluate.local import local_engine
-from tests.engine.conftest import ENGINE_CACHE, SERVED_NAME, cpu_serve, engine_server, plain_vllm
+from tests.engine.conftest import SERVED_NAME, engine_server, plain_vllm
 
 ITEMS = 16
 LAYERS = 30  # SmolLM2-135M
@@ -82,25 +81,6 @@ def test_each_switch_reaches_the_worker_and_a_broken_integration_answers_differe
     assert {o.name for o in use.operators if o.enabled} == {"silu_and_mul"}
     assert {o.name for o in use.operators if o.calls} == {"silu_and_mul"}  # the others ran vLLM's native path
     assert sum(r.correct for r in broken) == 0  # the model no longer does arithmetic at all
-
-
-def test_an_moe_model_runs_our_router_expert_activation_and_combine(moe_weights: Path, arithmetic):
-    """SmolLM2 up-cycled into a top-2-of-4 Mixtral: the FlagOS stack routes with topk_softmax, activates every routed
-    row with silu_and_mul and combines with moe_sum (once per MoE layer and step), where the native stack runs
-    vLLM's own CPU MoE; the answers agree as the dense model's do."""
-    results, uses = {}, {}
-    for role, switch in (("native", "0"), ("flagos", "1")):
-        with local_engine(moe_weights, SERVED_NAME, {"USE_FLAGGEMS": switch}, ENGINE_CACHE, cpu_serve()) as url:
-            results[role], uses[role] = answers(url, arithmetic, role)
-    assert not any(r.error for r in results["native"] + results["flagos"])
-    assert uses["native"].calls == 0
-    ran = {o.name: o for o in uses["flagos"].operators if o.calls}
-    assert set(ran) == {"rms_norm", "fused_add_rms_norm", "silu_and_mul", "rotary_embedding", "topk_softmax", "moe_sum"}
-    steps = ran["rms_norm"].calls
-    assert ran["topk_softmax"].calls == ran["moe_sum"].calls == ran["silu_and_mul"].calls == LAYERS * steps
-    assert all(ran[name].bound_to == ["vllm FusedMoE (unquantized experts)"] for name in ("topk_softmax", "moe_sum"))
-    identical = sum(a.response == b.response for a, b in zip(results["native"], results["flagos"]))
-    assert identical >= ITEMS * 3 // 4, [(a.response, b.response) for a, b in zip(results["native"], results["flagos"])]
 
 
 def test_an_engine_without_our_report_is_refused(smollm2_gguf: Path):
