@@ -92,6 +92,7 @@ class CardData(BaseModel):
     flagscale_version: str
     serving_note: str
     flaggems_version: str
+    weights_note: str
     download_commands: list[str]
     pull_command: str
     run_command: str
@@ -119,9 +120,23 @@ def download_commands(plan: Plan, weights: WeightsManifest, image: ImageRef) -> 
     commands, base_dir = _source_commands(base, verified, BASE_WEIGHTS_DIR)
     gguf = Path(base.file).name if plan.base.model.format == "gguf" and base.file else None
     make = upcycle_arguments(plan.model.source.upcycle, BASE_MOUNT, f"{OUT_MOUNT}/{WEIGHTS_DIR}", gguf)
+    check = " ".join(shlex.quote(f"{f.sha256}  {WEIGHTS_DIR}/{f.path}") for f in weights.files)
     return [*commands, " ".join([
         "docker", "run", "--rm", "--network", "none", '--user "$(id -u):$(id -g)"', "-e", "HOME=/tmp",
-        "-v", f"$PWD/{base_dir}:{BASE_MOUNT}:ro", "-v", f"$PWD:{OUT_MOUNT}", image.by_digest, *make])], WEIGHTS_DIR
+        "-v", f"$PWD/{base_dir}:{BASE_MOUNT}:ro", "-v", f"$PWD:{OUT_MOUNT}", image.by_digest, *make]),
+        f"printf '%s\\n' {check} | sha256sum -c"], WEIGHTS_DIR
+
+
+def weights_note(plan: Plan) -> str:
+    """What a derived model is: its weights are on no hub, and the card must say where they come from."""
+    if plan.base is None:
+        return ""
+    recipe = plan.model.source.upcycle
+    return (f"These weights are on no hub: they are {plan.base.model.display_name} up-cycled into a mixture of "
+            f"experts by the image's own `engine.upcycle` ({recipe.experts} experts, each the dense MLP plus its own "
+            f"seeded perturbation of {recipe.noise:g} of the weight's standard deviation; a router seeded with "
+            f"{recipe.seed} picks the top {recipe.top_k} with renormalised weights). The same base, recipe and image "
+            "make the same bytes; the last command checks them against the files this release verified.")
 
 
 def _source_commands(source: ModelSource, verified: str, dest: str) -> tuple[list[str], str]:
@@ -333,7 +348,7 @@ def card_data(plan: Plan, image: ImageRef, image_config: dict, report: Evaluatio
                       "OpenAI-compatible server for the model with the chip's settings, and our vLLM plugin puts our "
                       "Triton kernels in place of vLLM's layers."),
         flaggems_version=tools.get("flaggems", f"FlagOS Triton kernels, {kernels_label.rsplit('@', 1)[-1][:19]}"),
-        download_commands=commands, pull_command=f"docker pull {image.by_digest}",
+        weights_note=weights_note(plan), download_commands=commands, pull_command=f"docker pull {image.by_digest}",
         run_command=run_command(plan, image, weights_dir),
         serve_note=serve_note(plan),
         ready_command=f"until curl -sf {base_url}/models; do sleep 2; done",

@@ -171,7 +171,7 @@ def test_a_failing_release_makes_watch_exit_non_zero(stack: Settings):
     assert "unknown release 'no-such-release'" in run["state"]["message"]
 
 
-def test_nightly_rebuild_runs_every_release_and_fails_when_one_fails(stack: Settings):
+def test_nightly_rebuild_runs_every_release_and_fails_when_one_fails(stack: Settings, tmp_path: Path):
     """smollm2-cpu is already published (the test above); the MoE release runs whole here: its image, its weights
     made by that image, both stacks, the card. The GPU chips cannot be built on this host: the run must fail."""
     result = prefect(stack, "deployment", "run", "rebuild/nightly", "--watch", "--watch-timeout", "1500", timeout=1600)
@@ -180,16 +180,17 @@ def test_nightly_rebuild_runs_every_release_and_fails_when_one_fails(stack: Sett
     rows = {r["release"]: r for r in json.loads(artifact["data"])}
     assert set(rows) == set(MATRIX.spec.releases)
     assert rows["smollm2-cpu"]["state"] == "Completed" and rows["smollm2-moe-cpu"]["state"] == "Completed"
-    assert_moe_operators_ran_and_are_on_the_card(outputs_of(stack, "smollm2-moe-cpu"))
+    assert_moe_operators_ran_and_are_on_the_card(outputs_of(stack, "smollm2-moe-cpu"), tmp_path)
     child = api(stack, "GET", f"/flow_runs/{rows['smollm2-cpu']['flow_run']}")
     assert child["state"]["type"] == "COMPLETED" and child["parameters"] == {"release_name": "smollm2-cpu"}
     for name in ("qwen3-iluvatar", "qwen3-nvidia"):
         assert rows[name]["state"].startswith("Failed: release/" + name)
 
 
-def assert_moe_operators_ran_and_are_on_the_card(outputs: Path) -> None:
+def assert_moe_operators_ran_and_are_on_the_card(outputs: Path, tmp_path: Path) -> None:
     """The router, the expert activation and the combine ran in the FlagOS stack, once per MoE layer and step
-    each, on weights the image made that match their lock, and the published card says how often."""
+    each, on weights the image made that match their lock, and the published card says how often; the card's
+    check of the made weights passes on them."""
     weights = json.loads((outputs / "weights.json").read_text())
     lock = json.loads((PROJECT_DIR / "locks" / "smollm2-moe-4x135m-instruct.json").read_text())["files"]
     assert weights["source"] == "derived:smollm2-135m-instruct"
@@ -205,6 +206,10 @@ def assert_moe_operators_ran_and_are_on_the_card(outputs: Path) -> None:
     card = (outputs / "README.md").read_text()
     assert all(f"{name} ({calls[name]:,} calls)" in card for name in ("topk_softmax", "silu_and_mul", "moe_sum"))
     assert "python3 -m engine.upcycle /base /out/flagos-weights" in card
+    [check] = [line for line in card.splitlines() if line.startswith("printf ") and "sha256sum -c" in line]
+    (tmp_path / "flagos-weights").symlink_to(weights["folder"])
+    checked = subprocess.run(["bash", "-c", check], cwd=tmp_path, capture_output=True, text=True)
+    assert checked.returncode == 0 and checked.stdout.count(": OK") == len(lock), checked.stdout + checked.stderr
 
 
 @pytest.mark.skipif(chromium() is None, reason="chromium not installed (bash scripts/setup.sh --for-tests)")

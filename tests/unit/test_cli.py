@@ -123,6 +123,13 @@ def test_lock_refuses_an_unknown_model_and_an_existing_lock(state: dict[str, str
     assert "Traceback" not in unknown.stderr + kept.stderr
 
 
+def test_weights_of_a_derived_model_are_left_to_its_release(state: dict[str, str]):
+    """Only a release run has the image that makes them: the command says so instead of failing on a missing one."""
+    result = flagrelease("weights", "smollm2-moe-cpu", env=state)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "are made by its release image from smollm2-135m-instruct's: `flagrelease run smollm2-moe-cpu`" in result.stderr
+
+
 def test_a_matrix_elsewhere_reads_the_chip_profiles_beside_it(tmp_path: Path, state: dict[str, str]):
     import shutil
 
