@@ -27,7 +27,7 @@ from tests.evaluate.conftest import smollm2_gguf  # noqa: F401  (the fixture, sh
 RELEASE = "smollm2-cpu"
 REPOSITORY = "flagrelease/smollm2-135m-cpu"
 ROWS: list[tuple[str, str, str, str]] = []
-SMALL_SUITE_ITEMS = 32  # the garbled-answer case needs its unreadable share (1 in 4) over max_unreadable (0.2)
+SMALL_SUITE_ITEMS = 60  # fewer and the gate cannot decide at its 3 pp margin (32 items: INCONCLUSIVE, 2026-12-06)
 SMALL_SUITE = f"""  cpu-smoke:
     version: 1
     benchmarks:
