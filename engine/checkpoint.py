@@ -23,6 +23,8 @@ from pathlib import Path
 from engine.operators import EngineError
 from engine.report import SOURCE_RECORD, checkpoint_sha256
 
+LOADING_FLAGS = ("local_files_only", "is_local")
+
 
 @dataclass(frozen=True)
 class Checkpoint:
@@ -92,8 +94,18 @@ def _convert(gguf: Path, dest: Path, sha256: str) -> None:
         del model.config.quantization_config
     model.generation_config.save_pretrained(dest)
     tokenizer.save_pretrained(dest)
+    _drop_loading_flags(dest / "tokenizer_config.json")
     (dest / SOURCE_RECORD).write_text(json.dumps({"file": gguf.name, "sha256": sha256}) + "\n")
     model.config.save_pretrained(dest)  # config.json last: its presence marks a complete conversion
+
+
+def _drop_loading_flags(path: Path) -> None:
+    """transformers saves how the tokenizer was loaded (`local_files_only` follows HF_HUB_OFFLINE): not part of the
+    model, and it would give the same GGUF other bytes in another environment (the up-cycled MoE's lock saw it)."""
+    config = json.loads(path.read_text())
+    for key in LOADING_FLAGS:
+        config.pop(key, None)
+    path.write_text(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
 def point_at(link: Path, folder: Path) -> None:

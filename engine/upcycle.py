@@ -7,7 +7,8 @@ which experts are chosen, and with what weights, now changes the numbers.
     python3 -m engine.upcycle <dense folder> <out folder> [--gguf-file NAME] [--experts 4] [--top-k 2] [--seed 0]
                               [--noise 0.01]
 
-With --gguf-file the dense folder holds that GGUF, dequantised first as the engine serves it (engine.checkpoint).
+A folder holding a GGUF (the one --gguf-file names, else its only one) is dequantised first, as the engine serves it
+(engine.checkpoint).
 
 The output is a function of the dense checkpoint and these arguments (same torch: same bytes); it is published by one
 rename, so an interrupted run leaves no folder that looks complete."""
@@ -26,11 +27,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from engine.checkpoint import servable
 from engine.operators import EngineError
 
 MLP_WEIGHT = re.compile(r"model\.layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight")
 EXPERT_NAMES = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}  # Mixtral's names for gate, up, down
-LOADING_FLAGS = ("local_files_only", "is_local")
 KEPT_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json",
               "special_tokens_map.json")
 
@@ -110,7 +111,6 @@ def upcycle(dense_dir: Path, out_dir: Path, recipe: Recipe) -> Path:
         for name in KEPT_FILES:
             if (dense_dir / name).is_file():
                 shutil.copyfile(dense_dir / name, staging / name)
-        _drop_loading_flags(staging / "tokenizer_config.json")
         for path in (staging, *staging.iterdir()):  # mkdtemp's 0700 and save_file's 0600: served read-only by others
             path.chmod(0o755 if path.is_dir() else 0o644)
         staging.rename(out_dir)
@@ -120,20 +120,10 @@ def upcycle(dense_dir: Path, out_dir: Path, recipe: Recipe) -> Path:
     return out_dir
 
 
-def _drop_loading_flags(path: Path) -> None:
-    """transformers saves how the tokenizer was loaded (`local_files_only` follows HF_HUB_OFFLINE): not part of the
-    model, and it would make the same recipe give other bytes in another environment."""
-    if path.is_file():
-        config = json.loads(path.read_text())
-        for key in LOADING_FLAGS:
-            config.pop(key, None)
-        path.write_text(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python3 -m engine.upcycle", description=__doc__.split("\n\n")[0])
     parser.add_argument("dense", type=Path, help="a dense Llama checkpoint folder (config.json, *.safetensors), "
-                                                     "or with --gguf-file the folder holding that GGUF")
+                                                     "or a folder holding its GGUF")
     parser.add_argument("out", type=Path, help="the MoE checkpoint folder to create (must not exist)")
     parser.add_argument("--gguf-file", help="the GGUF in the dense folder to dequantise and up-cycle")
     defaults = Recipe()
@@ -143,13 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     recipe = Recipe(args.experts, args.top_k, args.seed, args.noise)
     try:
-        if args.gguf_file is None:
-            path = upcycle(args.dense, args.out, recipe)
-        else:
-            from engine.checkpoint import servable
-            with tempfile.TemporaryDirectory(prefix="dequantised-") as cache:
-                dense = servable(args.dense, Path(cache), lambda line: print(line, flush=True), args.gguf_file)
-                path = upcycle(dense.folder, args.out, recipe)
+        with tempfile.TemporaryDirectory(prefix="dequantised-") as cache:  # used only when the input is a GGUF
+            dense = servable(args.dense, Path(cache), lambda line: print(line, flush=True), args.gguf_file)
+            path = upcycle(dense.folder, args.out, recipe)
     except (ValueError, OSError, EngineError) as exc:
         print(f"upcycle: error: {exc}", file=sys.stderr)
         return 2

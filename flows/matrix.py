@@ -113,6 +113,11 @@ class Model(Strict):
     base_model: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")] | None = Field(
         default=None, description="the original model's hub id for the card's base_model (default: source.repo)")
 
+    @property
+    def gguf_file(self) -> str | None:
+        """The weights file the engine serves out of the model's folder, for a model shipped as one named GGUF."""
+        return self.source.file.rsplit("/", 1)[-1] if self.format == "gguf" and self.source.file else None
+
 
 class Benchmark(Strict):
     margin_pp: float = Field(gt=0, le=100, description="non-inferiority margin in percentage points")

@@ -111,8 +111,7 @@ def weights_stage(plan: Plan, image: ImageRef, settings: Settings) -> WeightsMan
                     plan.base.name, plan.model_name)
         client = docker_client(settings)
         ensure_local_image(client, image, registry_for(plan)[1], logger.info)
-        gguf = next((f.path for f in base.files if f.path.endswith(".gguf")), None) if base.format == "gguf" else None
-        derivation = Derivation(Path(base.folder), gguf, image_command(client, image.by_digest))
+        derivation = Derivation(Path(base.folder), plan.base.model.gguf_file, image_command(client, image.by_digest))
     manifest, hashed = verified(plan.model_name, plan.model, derivation)
     logger.info("weights verified: %d files, %.1f MiB, %s parameters (%s active), %s; %.1f MiB hashed this run",
                 len(manifest.files), manifest.total_bytes / 2**20, f"{manifest.total_params:,}",

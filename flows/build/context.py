@@ -73,12 +73,6 @@ def render_dockerfile(plan: Plan, base_image: str, project_dir: Path, wheels: bo
                   image_env=BACKEND_ENV.get(plan.chip.triton.backend, {"TRITON_CACHE_DIR": TRITON_CACHE}))
 
 
-def gguf_file(plan: Plan) -> str | None:
-    """The weights file the engine serves out of the mounted folder, for a model shipped as one GGUF."""
-    source_file = plan.model.source.file
-    return source_file.rsplit("/", 1)[-1] if plan.model.format == "gguf" and source_file else None
-
-
 def serve_name(plan: Plan) -> str:
     return SERVE_NAMES.get(plan.model.architecture, plan.model_name)
 
@@ -97,8 +91,8 @@ def serve_config_text(project_dir: Path, serve: ServeSpec, served_name: str, ser
 
 def render_serve_config(plan: Plan, project_dir: Path) -> str:
     """The image's serve configuration: weights at the mount, the engine's cache at its volume."""
-    return serve_config_text(project_dir, plan.chip.serve, plan.model.served_name, serve_name(plan), gguf_file(plan),
-                             host="0.0.0.0", port=plan.chip.serve.port, model_mount=MODEL_MOUNT, cache_dir=CACHE_MOUNT,
+    return serve_config_text(project_dir, plan.chip.serve, plan.model.served_name, serve_name(plan),
+                             plan.model.gguf_file, host="0.0.0.0", port=plan.chip.serve.port, model_mount=MODEL_MOUNT, cache_dir=CACHE_MOUNT,
                              exp_dir=f"outputs/{plan.model.served_name}")
 
 

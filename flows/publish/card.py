@@ -118,8 +118,8 @@ def download_commands(plan: Plan, weights: WeightsManifest, image: ImageRef) -> 
         return _source_commands(plan.model.source, verified, WEIGHTS_DIR)
     base = plan.base.model.source
     commands, base_dir = _source_commands(base, verified, BASE_WEIGHTS_DIR)
-    gguf = Path(base.file).name if plan.base.model.format == "gguf" and base.file else None
-    make = upcycle_arguments(plan.model.source.upcycle, BASE_MOUNT, f"{OUT_MOUNT}/{WEIGHTS_DIR}", gguf)
+    make = upcycle_arguments(plan.model.source.upcycle, BASE_MOUNT, f"{OUT_MOUNT}/{WEIGHTS_DIR}",
+                             plan.base.model.gguf_file)
     check = " ".join(shlex.quote(f"{f.sha256}  {WEIGHTS_DIR}/{f.path}") for f in weights.files)
     return [*commands, " ".join([
         "docker", "run", "--rm", "--network", "none", '--user "$(id -u):$(id -g)"', "-e", "HOME=/tmp",
