@@ -109,11 +109,13 @@ def _drop_loading_flags(path: Path) -> None:
 
 
 def point_at(link: Path, folder: Path) -> None:
-    """Make `link` name `folder`, replaced in one rename (a start never sees it missing or half-made)."""
+    """Make `link` name `folder`, replaced in one rename (a start never sees it missing or half-made). The target is
+    relative: the same cache is mounted at another path in a container than on the host (an engine started on the
+    host, then the benchmark client in the image, found a host path there), and relative it resolves in both."""
     link.parent.mkdir(parents=True, exist_ok=True)
     staging = link.with_name(f".{link.name}.{os.getpid()}")
     staging.unlink(missing_ok=True)
-    staging.symlink_to(folder.resolve(), target_is_directory=True)
+    staging.symlink_to(os.path.relpath(folder.resolve(), link.parent.resolve()), target_is_directory=True)
     os.replace(staging, link)
 
 
