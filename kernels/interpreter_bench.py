@@ -114,14 +114,14 @@ def native_tpot_ms(engine_bench: Path, concurrency: int) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Our kernels under Triton's CPU interpreter, per decode step.")
-    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 4, 16], help="tokens in the step (batch)")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 4, 16, 64], help="tokens in the step (batch)")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--engine-bench", type=Path, help="an engine_bench JSON: its native TPOT gives the ceiling")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     if os.environ["TRITON_INTERPRET"] != "1":
         parser.error("TRITON_INTERPRET must be 1: this measures the interpreter")
-    torch.set_num_threads(1)  # as vLLM's CPU worker on the 2-core VM: one OpenMP thread per bound core
+    torch.set_num_threads(1)  # the interpreter's numpy runs on one thread: torch eager beside it on one as well
     results: dict[str, Any] = {"layers": LAYERS, "steps": []}
     print("| tokens | op | calls/step | interpreted ms | torch eager ms | ratio | GPU policy, interpreted ms |")
     print("|---|---|---|---|---|---|---|")
