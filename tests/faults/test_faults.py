@@ -26,8 +26,8 @@ from flows.registry import RegistryClient, Repository
 from flows.services import Services
 from tests.conftest import PROJECT_DIR
 from tests.engine.conftest import engine_server, plain_vllm
-from tests.faults.conftest import (REPOSITORY, SMALL_SUITE_ITEMS, Bench, Proxy, blobs_complete, latest_digest, record,
-                                   run_with_fault, weights_manifest_state, weights_manifests)
+from tests.faults.conftest import (REPOSITORY, SMALL_SUITE_ITEMS, Bench, Proxy, blobs_complete, keep_only_native_results,
+                                   latest_digest, record, run_with_fault, weights_manifest_state, weights_manifests)
 from tests.unit.test_matrix import JUNK, committed, leaf_paths, setter, write
 
 SNAPSHOT: dict[str, Path] = {}
@@ -170,7 +170,7 @@ def test_the_candidate_container_killed_during_evaluation(bench: Bench):
     engine = docker.from_env()
 
     stored = bench.state / "evaluations"
-    shutil.rmtree(stored, ignore_errors=True)  # nothing to reuse: the candidate must be asked, and die while asked
+    keep_only_native_results(stored)  # nothing of the candidate to reuse: it must be asked, and die while asked
 
     def kill_candidate() -> bool:
         for container in engine.containers.list(filters={"label": "flagrelease.role=evaluation"}):
@@ -236,10 +236,13 @@ def test_a_candidate_replaced_behind_the_same_url_is_asked_again_not_reused(benc
     """A chip host keeps the candidate's URL while the engine behind it changes (here a proxy's target moves from a
     healthy FlagOS engine to one with gate and up swapped). Answers are keyed by what the endpoint reports serving,
     so the second run asks the new stack and FAILs instead of reusing the first stack's answers. Its own state
-    folder: the garbage case stored answers under the healthy engine's identity (the proxy is invisible to it)."""
+    folder with only the image's native answers: the garbage case stored answers under the healthy engine's
+    identity (the proxy is invisible to it)."""
     registry = bench.registry("same-url", SNAPSHOT["built"])
     host = f"127.0.0.1:{registry.registry_port}"
     own = dataclasses.replace(bench, state=bench.root / "state-same-url")
+    shutil.copytree(bench.state / "evaluations", own.state / "evaluations")
+    keep_only_native_results(own.state / "evaluations")
     with engine_server(smollm2_gguf, {"USE_FLAGGEMS": "1"}) as healthy:
         proxy = Proxy(healthy.removesuffix("/v1"))
         url = f"http://127.0.0.1:{proxy.port}/v1"
