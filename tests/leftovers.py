@@ -13,9 +13,11 @@ import argparse
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-# the command lines of what the suite starts (tests/conftest.py, flows/services.py, the engine's processes)
+# the command lines of what the suite starts (tests/conftest.py, flows/services.py, the engine's processes, whose
+# titles vLLM sets, e.g. "VLLM::EngineCore"), compared in lower case
 STARTED_BY_TESTS = ("vllm", "flagscale", "prefect", "docker-registry", "registry serve", "postgres", "dockerd",
                     "containerd", "chromium", "engine.foreground")
 
@@ -28,7 +30,7 @@ def processes() -> dict[str, str]:
             text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
         except OSError:  # ended while we looked
             continue
-        if any(name in text for name in STARTED_BY_TESTS) and "tests.leftovers" not in text:
+        if any(name in text.lower() for name in STARTED_BY_TESTS) and "tests.leftovers" not in text:
             found[cmdline.parent.name] = text
     return found
 
@@ -49,14 +51,19 @@ def snapshot(path: Path) -> None:
     path.write_text(json.dumps({"processes": processes(), "containers": containers()}))
 
 
-def check(path: Path) -> list[str]:
-    """One line per process or container running now that was not running at the snapshot."""
+def check(path: Path, grace_s: float = 15.0) -> list[str]:
+    """One line per process or container running now that was not running at the snapshot; one still ending
+    (stopped by a finalizer a moment ago) gets `grace_s` to go."""
     before = json.loads(path.read_text())
-    left = [f"process {pid}: {line[:200]}" for pid, line in sorted(processes().items())
-            if before["processes"].get(pid) != line]  # a pid alone may have been reused
-    left += [f"container {name} ({cid})" for cid, name in sorted(containers().items())
-             if cid not in before["containers"]]
-    return left
+    deadline = time.monotonic() + grace_s
+    while True:
+        left = [f"process {pid}: {line[:200]}" for pid, line in sorted(processes().items())
+                if before["processes"].get(pid) != line]  # a pid alone may have been reused
+        left += [f"container {name} ({cid})" for cid, name in sorted(containers().items())
+                 if cid not in before["containers"]]
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(1)
 
 
 def main(argv: list[str] | None = None) -> int:
