@@ -130,8 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         for c in costs:
             print(f"| {tokens} | {c.op} | {c.calls_per_step} | {c.interpreted_ms:.2f} | {c.torch_ms:.3f} | "
                   f"{c.interpreted_ms / c.torch_ms:.0f}x | {c.compiled_policy_ms:.2f} |")
-        step = {"tokens": tokens, "ops": [asdict(c) for c in costs], "interpreted_step_ms": step_ms(costs, "interpreted_ms"),
-                "torch_step_ms": step_ms(costs, "torch_ms")}
+        step = {"tokens": tokens, "ops": [asdict(c) for c in costs],
+                "interpreted_step_ms": step_ms(costs, "interpreted_ms"), "torch_step_ms": step_ms(costs, "torch_ms")}
         if args.engine_bench and tokens in (1, 4, 16):
             native = native_tpot_ms(args.engine_bench, tokens)
             step["native_tpot_ms"] = native

@@ -92,7 +92,8 @@ def serve_config_text(project_dir: Path, serve: ServeSpec, served_name: str, ser
 def render_serve_config(plan: Plan, project_dir: Path) -> str:
     """The image's serve configuration: weights at the mount, the engine's cache at its volume."""
     return serve_config_text(project_dir, plan.chip.serve, plan.model.served_name, serve_name(plan),
-                             plan.model.gguf_file, host="0.0.0.0", port=plan.chip.serve.port, model_mount=MODEL_MOUNT, cache_dir=CACHE_MOUNT,
+                             plan.model.gguf_file, host="0.0.0.0", port=plan.chip.serve.port, model_mount=MODEL_MOUNT,
+                             cache_dir=CACHE_MOUNT,
                              exp_dir=f"outputs/{plan.model.served_name}")
 
 
